@@ -1,0 +1,114 @@
+"""Pickle-free checkpoints: ``compress.save(obj, path)`` and ``compress.load(path)``.
+
+A checkpoint is a ``torch.save`` archive holding only tensors and plain containers:
+``{"format", "version", "spec": ModelSpec.to_dict(), "state_dict", "metadata"}``. Loading uses
+``torch.load(weights_only=True)`` (no code runs), rebuilds the structure from the spec (architecture, then the
+pruning history replayed by torch-pruning) and loads the state_dict strictly. Writes are atomic and never
+replace an existing file unless asked to.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import atomic_path
+from .errors import CompressError
+from .models import ModelSpec, attach_spec, build, identify
+
+FORMAT = "compress-checkpoint"
+VERSION = 1
+
+
+def _module_of(obj: Any) -> nn.Module:
+    model = obj if isinstance(obj, nn.Module) else getattr(obj, "model", None)
+    if not isinstance(model, nn.Module):
+        raise CompressError(f"cannot save an object of type {type(obj).__name__}", "pass an nn.Module or a result with .model")
+    return model
+
+
+def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False, metadata: dict[str, Any] | None = None) -> Path:
+    """Save a model (plain, pruned or quantized) or a result holding ``.model``, without pickling code."""
+    model = _module_of(obj)
+    spec = identify(model)
+    if spec is None:
+        raise CompressError(f"cannot tell which architecture this {type(model).__name__} is, so it could not be rebuilt on load",
+                            "create it with compress.models.resolve(name) (or a torchvision builder) before compressing")
+    record = {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(),
+              "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+              "metadata": dict(metadata or {})}
+    with atomic_path(path, overwrite) as tmp:
+        torch.save(record, tmp)
+    return Path(path)
+
+
+def _torch_load(path: str | os.PathLike) -> Any:
+    file = Path(path)
+    if not file.is_file():
+        raise CompressError(f"checkpoint {file} does not exist", "check the path")
+    if file.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise CompressError("reading .safetensors needs the safetensors package", "pip install safetensors") from err
+        try:
+            return load_file(str(file))
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise CompressError(f"cannot read {file}: {err}", "check that the file is complete") from err
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CompressError(f"refusing to load {file}: it contains pickled code or objects, not just tensors",
+                            "re-save it as a plain state_dict (torch.save(model.state_dict(), path)) or safetensors from a trusted session") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise CompressError(f"cannot read {file}: corrupt or not a PyTorch checkpoint ({str(err).splitlines()[0][:120]})",
+                            "re-create or re-download the file") from err
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from a weights file: our checkpoint's state_dict, a bare state_dict, or ``{"state_dict"|"model": ...}``."""
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if obj["spec"].get("pruning_history"):
+            raise CompressError(f"{path} holds a pruned model, not weights for an unpruned one", "load it with compress.load / as --model")
+        obj = obj["state_dict"]
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CompressError(f"{path} is not a state_dict of tensors", "save weights with torch.save(model.state_dict(), path)")
+    return obj
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved by :func:`save`: structure from the spec, then the weights (strict)."""
+    record = _torch_load(path)
+    if not (isinstance(record, dict) and record.get("format") == FORMAT):
+        raise CompressError(f"{path} is not a compress checkpoint (maybe bare weights)",
+                            "pass it as weights of a named model: --model ARCH --weights PATH")
+    if record.get("version", 0) > VERSION:
+        raise CompressError(f"{path} was written by a newer toolkit (format {record['version']})", "upgrade compress")
+    try:
+        spec = ModelSpec.from_dict(record["spec"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CompressError(f"{path} has a damaged model spec ({err})", "re-create the checkpoint") from err
+    model = build(spec)
+    try:
+        model.load_state_dict(record["state_dict"], strict=True, assign=True)
+    except RuntimeError as err:
+        raise CompressError(f"{path}: weights do not fit the recorded structure ({str(err).splitlines()[0]})",
+                            "re-create the checkpoint") from err
+    model.eval()
+    return attach_spec(model, spec)
+
+
+def metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata dictionary stored in a checkpoint."""
+    record = _torch_load(path)
+    return dict(record.get("metadata", {})) if isinstance(record, dict) else {}

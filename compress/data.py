@@ -1,0 +1,219 @@
+"""Data: the embedded Fashion-MNIST set, ImageNet-style folders, label-free calibration batches.
+
+``data`` anywhere in this toolkit is any iterable of input batches or of ``(input, label, ...)`` batches; the
+criteria only ever see inputs (:func:`iter_inputs`). Labels are read for accuracy and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from .errors import CompressError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INSTALL_HINT = ("run `make data` (apt-get install dataset-fashion-mnist, as root) or point FASHION_MNIST_DIR / "
+                "--fmnist-dir at a folder holding the four idx .gz files")
+
+
+def fashion_mnist_dir(root: str | os.PathLike | None = None) -> Path:
+    """The folder holding the Fashion-MNIST idx .gz files: ``root``, else $FASHION_MNIST_DIR, else Debian's."""
+    folder = Path(root or os.environ.get("FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
+    missing = [f for pair in FASHION_MNIST_FILES.values() for f in pair if not (folder / f).is_file()]
+    if missing:
+        raise CompressError(f"Fashion-MNIST not found: {folder} lacks {', '.join(missing)}", INSTALL_HINT)
+    return folder
+
+
+def _read_idx(path: Path, offset: int) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as fh:
+            return np.frombuffer(fh.read(), dtype=np.uint8, offset=offset)
+    except (OSError, EOFError, ValueError) as err:
+        raise CompressError(f"cannot read {path}: {err}", "reinstall dataset-fashion-mnist or replace the file") from err
+
+
+@functools.lru_cache(maxsize=4)
+def _fashion_mnist_arrays(folder: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    image_file, label_file = FASHION_MNIST_FILES[split]
+    images = _read_idx(Path(folder) / image_file, 16)
+    labels = _read_idx(Path(folder) / label_file, 8)
+    if images.size != labels.size * 28 * 28:
+        raise CompressError(f"Fashion-MNIST {split} files in {folder} disagree in length", INSTALL_HINT)
+    return torch.from_numpy(images.reshape(-1, 1, 28, 28).copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST read straight from the idx .gz files (60k train / 10k test, real labels).
+
+    Items are ``(image, label)`` with ``image`` normalised float32 of shape (channels, size, size); ``channels=3``
+    and ``image_size=224`` give the upsampled variant for ImageNet-shaped networks. Batched fetching
+    (``__getitems__``) transforms a whole batch at once, so a DataLoader over it is cheap.
+    """
+
+    fetches_batches = True  # __getitems__ returns a collated (images, labels) batch
+
+    def __init__(self, split: str = "train", root: str | os.PathLike | None = None, *, channels: int = 1,
+                 image_size: int = 28) -> None:
+        if split not in FASHION_MNIST_FILES:
+            raise CompressError(f"unknown Fashion-MNIST split {split!r}", "use 'train' or 'test'")
+        if channels not in (1, 3):
+            raise CompressError(f"channels={channels} is not supported", "use channels=1 or channels=3")
+        self.split, self.channels, self.image_size = split, channels, image_size
+        self.images, self.labels = _fashion_mnist_arrays(str(fashion_mnist_dir(root)), split)
+        self.classes = FASHION_MNIST_CLASSES
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _transform(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+        if self.image_size != 28:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return x.expand(-1, self.channels, -1, -1).contiguous() if self.channels != 1 else x
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self._transform(self.images[index:index + 1])[0], int(self.labels[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self._transform(self.images[idx]), self.labels[idx]
+
+
+def _collate_batched(batch: Any) -> Any:
+    """Collate for datasets whose ``__getitems__`` already returns a batch."""
+    return batch
+
+
+def _fetches_batches(dataset: Dataset) -> bool:
+    """Whether ``dataset[...]`` batched fetching (through any Subsets) already returns a collated batch."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return bool(getattr(dataset, "fetches_batches", False))
+
+
+def image_folder(root: str | os.PathLike, split: str | None = "val", *, image_size: int = 224,
+                 train: bool = False) -> Dataset:
+    """An ImageNet-layout folder (``root/[split/]class/image``) with torchvision's standard transforms."""
+    from torchvision import datasets, transforms
+
+    folder = Path(root)
+    if not folder.is_dir():
+        raise CompressError(f"data folder {folder} does not exist", "pass --data DIR with class sub-folders (ImageNet layout)")
+    if split and (folder / split).is_dir():
+        folder = folder / split
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if train:
+        tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                                 transforms.ToTensor(), normalize])
+    else:
+        tf = transforms.Compose([transforms.Resize(int(round(image_size * 256 / 224))),
+                                 transforms.CenterCrop(image_size), transforms.ToTensor(), normalize])
+    try:
+        return datasets.ImageFolder(str(folder), transform=tf)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise CompressError(f"{folder} is not an image folder: {str(err).splitlines()[0]}",
+                            "lay it out as DIR/class_name/image.jpg (ImageNet layout)") from err
+
+
+def synthetic(n: int = 64, shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed: int = 0) -> TensorDataset:
+    """Random inputs and labels, for tests of mechanics only: never quote an accuracy measured on it."""
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g))
+
+
+def loader(dataset: Dataset, batch_size: int = 128, *, shuffle: bool = False, seed: int = 0,
+           drop_last: bool = False) -> DataLoader:
+    """A DataLoader whose order depends only on ``seed``."""
+    batched = _fetches_batches(dataset)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(seed),
+                      collate_fn=_collate_batched if batched else None)
+
+
+def inputs_of(batch: Any) -> torch.Tensor:
+    """The input tensor of a batch that is either a tensor or a ``(input, label, ...)`` sequence."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise CompressError(f"a data batch of type {type(batch).__name__} holds no input tensor",
+                        "yield input tensors or (input, label) pairs")
+
+
+def labels_of(batch: Any) -> torch.Tensor | None:
+    """The label tensor of an ``(input, label, ...)`` batch, or None for an input-only batch."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    return None
+
+
+def iter_inputs(data: Iterable[Any]) -> Iterator[torch.Tensor]:
+    """The input tensors of ``data``, labels dropped."""
+    for batch in data:
+        yield inputs_of(batch)
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """A label-free, re-iterable, seeded set of input batches: what every criterion consumes.
+
+    Built from a map-style dataset it is a fixed random subset of ``num_samples`` items (chosen by ``seed``);
+    built from any other iterable it is the inputs of the first batches that add up to ``num_samples``.
+    """
+
+    source: Any
+    num_samples: int
+    batch_size: int
+    seed: int
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if isinstance(self.source, Dataset) and hasattr(self.source, "__len__"):
+            n = min(self.num_samples, len(self.source))
+            g = torch.Generator().manual_seed(self.seed)
+            subset = torch.randperm(len(self.source), generator=g)[:n].sort().values.tolist()
+            ds = self.source
+            for start in range(0, n, self.batch_size):
+                idx = subset[start:start + self.batch_size]
+                if _fetches_batches(ds):
+                    yield inputs_of(ds.__getitems__(idx))
+                else:
+                    yield torch.stack([inputs_of(ds[i]) for i in idx])
+            return
+        seen = 0
+        for x in iter_inputs(self.source):
+            if seen >= self.num_samples:
+                return
+            x = x[: self.num_samples - seen]
+            seen += len(x)
+            yield x
+
+    def __len__(self) -> int:
+        """Number of batches (for progress bars); exact for datasets, an upper bound otherwise."""
+        n = min(self.num_samples, len(self.source)) if hasattr(self.source, "__len__") and isinstance(self.source, Dataset) else self.num_samples
+        return -(-n // self.batch_size)
+
+
+def calibration(data: Any, num_samples: int = 1024, batch_size: int = 64, seed: int = 0) -> CalibrationData:
+    """Label-free calibration batches: ``num_samples`` inputs from a dataset (seeded subset) or a batch iterable."""
+    if num_samples < 1 or batch_size < 1:
+        raise CompressError(f"calibration needs num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}",
+                            "pass positive values")
+    return CalibrationData(data, num_samples, batch_size, seed)

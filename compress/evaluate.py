@@ -1,0 +1,73 @@
+"""Accuracy on labelled data and agreement between two models (labels not needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import inputs_of, labels_of
+from .errors import CompressError
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    top1: float
+    correct: int
+    total: int
+
+
+def check_input(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise a one-line error when ``x`` does not fit the model's recorded input shape (C, H, W)."""
+    from .models import spec_of
+
+    spec = spec_of(model)
+    if spec is None:
+        return
+    if x.dim() != len(spec.input_shape) + 1 or x.shape[1] != spec.input_shape[0]:
+        raise CompressError(f"inputs of shape {tuple(x.shape[1:])} do not fit {spec.arch}, which expects {spec.input_shape}",
+                            "pass data of that shape (e.g. a matching --image-size / channels) or a model built for it")
+
+
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of ``model`` on ``x``, turning a shape mismatch into a one-line error."""
+    check_input(model, x)
+    device = next(model.parameters()).device
+    try:
+        return model(x.to(device))
+    except RuntimeError as err:
+        if "shape" in str(err) or "size" in str(err):
+            raise CompressError(f"model rejected inputs of shape {tuple(x.shape)}: {str(err).splitlines()[0][:160]}",
+                                "pass inputs of the shape the model was built for") from err
+        raise
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: Iterable[Any], progress: bool = True) -> Accuracy:
+    """Top-1 of ``model`` on ``(input, label)`` batches."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for batch in tqdm(data, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        labels = labels_of(batch)
+        if labels is None:
+            raise CompressError("accuracy needs (input, label) batches", "pass labelled data, or use agreement()")
+        pred = predict(model, inputs_of(batch)).argmax(1).cpu()
+        correct += int((pred == labels).sum())
+        total += len(labels)
+    model.train(was_training)
+    return Accuracy(correct / max(total, 1), correct, total)
+
+
+@torch.no_grad()
+def agreement(model: nn.Module, reference: nn.Module, data: Iterable[Any]) -> float:
+    """Fraction of inputs on which ``model`` and ``reference`` predict the same class (label-free)."""
+    same = total = 0
+    for batch in data:
+        x = inputs_of(batch)
+        same += int((predict(model, x).argmax(1).cpu() == predict(reference, x).argmax(1).cpu()).sum())
+        total += len(x)
+    return same / max(total, 1)

@@ -1,0 +1,1 @@
+"""Exporters: ONNX files that onnxruntime runs (fp32, pruned, torchao-quantized)."""
