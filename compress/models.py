@@ -123,12 +123,17 @@ def replay_pruning(model: nn.Module, spec: ModelSpec) -> nn.Module:
 
 
 def build(spec: ModelSpec) -> nn.Module:
-    """A model with ``spec``'s structure (pruning replayed) and freshly initialised weights."""
+    """A model with ``spec``'s structure (pruning replayed, BN folded and layers quantized when the spec says so)
+    and freshly initialised weights."""
     try:
         model = _builder(spec.arch)(**spec.kwargs)
     except TypeError as err:
         raise CompressError(f"bad arguments for {spec.arch}: {err}", "check the model kwargs") from err
     replay_pruning(model, spec)
+    if spec.quantization:
+        from .quantize import apply_quantization
+
+        model = apply_quantization(model, spec.quantization)
     return attach_spec(model, spec)
 
 
