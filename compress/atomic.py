@@ -32,6 +32,9 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
     tmp = Path(tmp_name)
     try:
         yield tmp

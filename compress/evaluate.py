@@ -71,3 +71,37 @@ def agreement(model: nn.Module, reference: nn.Module, data: Iterable[Any]) -> fl
         same += int((predict(model, x).argmax(1).cpu() == predict(reference, x).argmax(1).cpu()).sum())
         total += len(x)
     return same / max(total, 1)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A model against a reference on the same inputs: top-1 (if labelled), agreement, KL(ref || model), output MSE."""
+
+    top1: float | None
+    agreement: float
+    kl: float
+    mse: float  # E_x ||f(x) − f_ref(x)||²: the measured TPV of the change
+    total: int
+
+
+@torch.no_grad()
+def compare(model: nn.Module, reference: nn.Module, data: Iterable[Any], progress: bool = False) -> Comparison:
+    """One pass over ``data`` comparing ``model``'s logits with ``reference``'s."""
+    correct = same = total = 0
+    kl = mse = 0.0
+    labelled = True
+    for batch in tqdm(data, desc="compare", unit="batch", disable=not progress, leave=False):
+        x, labels = inputs_of(batch), labels_of(batch)
+        out, ref = predict(model, x).float().cpu(), predict(reference, x).float().cpu()
+        pred = out.argmax(1)
+        same += int((pred == ref.argmax(1)).sum())
+        kl += float(torch.nn.functional.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="sum"))
+        mse += float(((out - ref).double() ** 2).sum())
+        if labels is None:
+            labelled = False
+        else:
+            correct += int((pred == labels).sum())
+        total += len(x)
+    if total == 0:
+        raise CompressError("comparison got no data", "pass a non-empty data iterable")
+    return Comparison(correct / total if labelled else None, same / total, kl / total, mse / total, total)

@@ -18,7 +18,8 @@ from .errors import CompressError
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``module``."""
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
@@ -48,6 +49,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     for layer_name, norm_name in foldable_pairs(folded):
         layer, norm = folded.get_submodule(layer_name), folded.get_submodule(norm_name)
         fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
-        _set_module(folded, layer_name, fuse(layer, norm))
-        _set_module(folded, norm_name, nn.Identity())
+        set_module(folded, layer_name, fuse(layer, norm))
+        set_module(folded, norm_name, nn.Identity())
     return folded

@@ -27,8 +27,9 @@ Allocator = Literal["tpv", "hawq", "uniform", "random"]
 class Budget:
     """One limit on the quantized weights: average bits per weight, total bytes, or bit-operations (BOPs).
 
-    Bytes count packed weights plus one scale per block (``scale_bytes`` each) over the Conv2d/Linear weights;
-    BOPs = Σ_l MACs_l · b_l · ``activation_bits``.
+    ``avg_bits`` averages over the weights the plan may choose for (layers fixed in float, e.g. ones torchao
+    cannot quantize, are excluded and reported); bytes count packed weights plus one scale per block
+    (``scale_bytes`` each) over all Conv2d/Linear weights; BOPs = Σ_l MACs_l · b_l · ``activation_bits``.
     """
 
     avg_bits: float | None = None
@@ -87,6 +88,13 @@ class BitPlan:
 
     @property
     def avg_bits(self) -> float:
+        """Average bits per weight over the layers the plan chose for (not those fixed in float)."""
+        free = [l for l in self.layers.values() if not l.note] or list(self.layers.values())
+        return sum(l.bits * l.numel for l in free) / sum(l.numel for l in free)
+
+    @property
+    def avg_bits_all(self) -> float:
+        """Average bits per weight over every Conv2d/Linear weight, float layers counted at 16."""
         return sum(l.bits * l.numel for l in self.layers.values()) / sum(l.numel for l in self.layers.values())
 
     @property
@@ -100,7 +108,7 @@ class BitPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"allocator": self.allocator, "budget": asdict(self.budget), "group_size": self.group_size,
                 "mapping": self.mapping, "predictor": self.predictor, "predicted_tpv": self.predicted_tpv,
-                "size_bytes": self.size_bytes, "avg_bits": self.avg_bits,
+                "size_bytes": self.size_bytes, "avg_bits": self.avg_bits, "avg_bits_all": self.avg_bits_all,
                 "layers": {n: {"bits": l.bits, "numel": l.numel, "macs": l.macs, "predicted_tpv": l.predicted_tpv,
                                "size_bytes": l.size_bytes, "note": l.note} for n, l in self.layers.items()}}
 
@@ -198,12 +206,12 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
     def cost(name: str, bits: int) -> float:
         w = weights[name]
         if budget.kind == "avg_bits":
-            return float(w.numel() * bits)
+            return 0.0 if name in notes else float(w.numel() * bits)
         if budget.kind == "bytes":
             return _size_bytes(w, bits, group_size, budget.scale_bytes)
         return float(macs.get(name, 0) * bits * budget.activation_bits)
 
-    limit = {"avg_bits": (budget.avg_bits or 0) * sum(w.numel() for w in weights.values()),
+    limit = {"avg_bits": (budget.avg_bits or 0) * sum(w.numel() for n, w in weights.items() if n not in notes),
              "bytes": budget.bytes, "bops": budget.bops}[budget.kind]
     names = list(layers)
     if allocator in ("tpv", "hawq"):
