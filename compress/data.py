@@ -183,6 +183,7 @@ class CalibrationData:
     num_samples: int
     batch_size: int
     seed: int
+    with_labels: bool = False  # yield (input, label) batches, for supervised baselines only
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if isinstance(self.source, Dataset) and hasattr(self.source, "__len__"):
@@ -193,27 +194,43 @@ class CalibrationData:
             for start in range(0, n, self.batch_size):
                 idx = subset[start:start + self.batch_size]
                 if _fetches_batches(ds):
-                    yield inputs_of(ds.__getitems__(idx))
+                    batch = ds.__getitems__(idx)
                 else:
-                    yield torch.stack([inputs_of(ds[i]) for i in idx])
+                    items = [ds[i] for i in idx]
+                    batch = (torch.stack([inputs_of(it) for it in items]),
+                             torch.as_tensor([int(it[1]) for it in items]) if self.with_labels else None)
+                yield self._select(batch)
             return
         seen = 0
-        for x in iter_inputs(self.source):
+        for batch in self.source:
             if seen >= self.num_samples:
                 return
-            x = x[: self.num_samples - seen]
+            keep = self.num_samples - seen
+            x, y = inputs_of(batch)[:keep], labels_of(batch)
             seen += len(x)
-            yield x
+            yield self._select((x, None if y is None else y[:keep]))
+
+    def _select(self, batch: Any) -> Any:
+        x, y = inputs_of(batch), labels_of(batch)
+        if not self.with_labels:
+            return x
+        if y is None:
+            raise CompressError("these calibration batches carry no labels", "pass (input, label) batches")
+        return x, y
 
     def __len__(self) -> int:
         """Number of batches (for progress bars); exact for datasets, an upper bound otherwise."""
-        n = min(self.num_samples, len(self.source)) if hasattr(self.source, "__len__") and isinstance(self.source, Dataset) else self.num_samples
+        sized = isinstance(self.source, Dataset) and hasattr(self.source, "__len__")
+        n = min(self.num_samples, len(self.source)) if sized else self.num_samples
         return -(-n // self.batch_size)
 
 
-def calibration(data: Any, num_samples: int = 1024, batch_size: int = 64, seed: int = 0) -> CalibrationData:
-    """Label-free calibration batches: ``num_samples`` inputs from a dataset (seeded subset) or a batch iterable."""
+def calibration(data: Any, num_samples: int = 1024, batch_size: int = 64, seed: int = 0,
+                with_labels: bool = False) -> CalibrationData:
+    """Label-free calibration batches: ``num_samples`` inputs from a dataset (seeded subset) or a batch iterable.
+
+    ``with_labels=True`` yields ``(input, label)`` batches instead, for supervised baselines (``jacobian``)."""
     if num_samples < 1 or batch_size < 1:
         raise CompressError(f"calibration needs num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}",
                             "pass positive values")
-    return CalibrationData(data, num_samples, batch_size, seed)
+    return CalibrationData(data, num_samples, batch_size, seed, with_labels)

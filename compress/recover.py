@@ -1,0 +1,88 @@
+"""Recovery after pruning: label-free BatchNorm recalibration and distillation from the dense model.
+
+BN recalibration re-estimates each BatchNorm's running mean and variance on calibration inputs (cumulative
+average, no gradient): pruning changes the statistics of the surviving channels' inputs. Distillation minimises
+T²·KL(softmax(t/T) || softmax(s/T)) between the dense teacher t and the pruned student s; labels are optional
+(with ``label_weight`` > 0, cross-entropy on true labels is added).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import inputs_of, labels_of
+from .errors import CompressError
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Iterable[Any], progress: bool = True) -> nn.Module:
+    """Reset every BatchNorm's running statistics and re-estimate them on ``data`` (cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
+    if not norms:
+        return model
+    device = next(model.parameters()).device
+    saved = [(m, m.momentum) for m in norms]
+    was_training = model.training
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+        m.train()
+    seen = 0
+    try:
+        for batch in tqdm(data, desc="bn-recal", unit="batch", disable=not progress, leave=False):
+            x = inputs_of(batch).to(device)
+            model(x)
+            seen += len(x)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    if seen == 0:
+        raise CompressError("BatchNorm recalibration got no data", "pass a non-empty calibration set")
+    return model
+
+
+def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps: int = 200, lr: float = 1e-3,
+            temperature: float = 2.0, label_weight: float = 0.0, weight_decay: float = 0.0, seed: int = 0,
+            progress: bool = True) -> list[float]:
+    """Train ``student`` towards ``teacher``'s logits for ``steps`` batches (cycling ``data``); returns the losses.
+
+    Deterministic given ``seed`` and the order of ``data``. The teacher stays frozen in eval mode.
+    """
+    if steps < 1:
+        return []
+    device = next(student.parameters()).device
+    torch.manual_seed(seed)
+    teacher.eval()
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    losses: list[float] = []
+    batches = itertools.cycle(data) if not isinstance(data, torch.Tensor) else itertools.repeat(data)
+    for _ in tqdm(range(steps), desc="distill", unit="step", disable=not progress):
+        batch = next(batches)
+        x = inputs_of(batch).to(device)
+        with torch.no_grad():
+            target = F.log_softmax(teacher(x) / temperature, dim=1)
+        logits = student(x)
+        loss = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, log_target=True,
+                        reduction="batchmean") * temperature**2
+        labels = labels_of(batch)
+        if label_weight > 0 and labels is not None:
+            loss = loss + label_weight * F.cross_entropy(logits, labels.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+    student.eval()
+    return losses
