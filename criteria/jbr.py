@@ -8,6 +8,7 @@ outputs that disappear with the channel: a BatchNorm's output when a conv/linear
 
 * ``jbr`` scores group g by E_x[(m(x)ᵀ J_g(x) w_g)²], m(x) the one-hot predicted class of the dense model
   (``target="softmax"``: its probabilities), frozen at the first scoring pass.
+* ``jbr-mac``: the same score divided by the MACs the channel's removal saves (global ranking by cost).
 * ``jbr-batch`` (the reference implementation's variant): per batch, the gradient of the batch-mean
   cross-entropy against the frozen pseudo-labels (confidence > 0.9 only), squared, summed over batches.
 * ``jacobian``: E_x[(∂ CE(f(x), y_true)/∂γ_g)²] with the true labels.
@@ -73,10 +74,12 @@ class GateImportance(tp.importance.Importance):
     """
 
     def __init__(self, objective: Objective = "predicted", per_sample: bool = True, confidence: float = 0.0,
-                 autocast: bool = True) -> None:
+                 autocast: bool = True, per_mac: bool = False) -> None:
         if objective not in ("predicted", "softmax", "labels"):
             raise CompressError(f"unknown JBR target {objective!r}", "use 'predicted' or 'softmax'")
         self.objective, self.per_sample, self.confidence, self.autocast = objective, per_sample, confidence, autocast
+        self.per_mac = per_mac  # divide each score by the MACs its removal saves
+        self._layer_macs: dict[str, int] = {}
         self._frozen: list[Tensor] | None = None  # dense model's softmax per calibration batch
         self._fingerprint: tuple | None = None
         self._derivs: dict[str, Tensor] = {}
@@ -151,6 +154,10 @@ class GateImportance(tp.importance.Importance):
             model.train(was_training)
         if not any(rows.values()):
             raise CompressError("JBR got no calibration batches", "pass a non-empty calibration set")
+        if self.per_mac:
+            from compress.plan import layer_macs
+
+            self._layer_macs = layer_macs(model, x[:1])
         if not self.per_sample and self.objective == "predicted" and not any(
                 bool((p.max(1).values > self.confidence).any()) for p in self._frozen):
             raise CompressError(f"no calibration sample has confidence > {self.confidence}, so jbr-batch has nothing to score",
@@ -174,6 +181,25 @@ class GateImportance(tp.importance.Importance):
             total[:, list(group[i].root_idxs)] += d
         return total
 
+    def macs_saved(self, group: Any) -> Tensor:
+        """MACs (per sample) removed with each root channel: its share of every conv/linear whose output or input
+        channels the group prunes (Cout·Cin/groups·k·HW_out split evenly over the pruned dimension)."""
+        saved = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+        seen = set()
+        for i, (dep, idxs) in enumerate(group):
+            layer = dep.target.module
+            name = self._names.get(id(layer))
+            if name not in self._layer_macs or (name, dep.handler.__name__) in seen:
+                continue
+            seen.add((name, dep.handler.__name__))
+            out_dim = layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
+            in_dim = layer.in_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.in_features
+            if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1 and layer.groups == in_dim:
+                in_dim = out_dim = layer.groups  # depthwise: one channel removes one filter either way
+            per_channel = self._layer_macs[name] / (out_dim if is_out_channel_pruning(dep) else in_dim)
+            saved[list(group[i].root_idxs)] += per_channel
+        return saved
+
     @torch.no_grad()
     def __call__(self, group: Any) -> Tensor | None:
         if self._fingerprint is None:
@@ -182,12 +208,20 @@ class GateImportance(tp.importance.Importance):
         d = self.row_derivatives(group)
         if d is None:
             return None
-        return (d.double() ** 2).mean(0).float() if self.per_sample else (d.double() ** 2).sum(0).float()
+        score = (d.double() ** 2).mean(0) if self.per_sample else (d.double() ** 2).sum(0)
+        if self.per_mac:
+            score = score / self.macs_saved(group).clamp(min=1.0)
+        return score.float()
 
 
 def jbr(target: Objective = "predicted", autocast: bool = True) -> GateImportance:
     """Exact per-sample JBR: E_x[(m(x)ᵀ J_g(x) w_g)²]."""
     return GateImportance(target, per_sample=True, autocast=autocast)
+
+
+def jbr_per_mac(target: Objective = "predicted", autocast: bool = True) -> GateImportance:
+    """JBR per MAC saved: E_x[(m(x)ᵀ J_g(x) w_g)²] / ΔMACs_g, so a global ranking weighs damage against cost."""
+    return GateImportance(target, per_sample=True, autocast=autocast, per_mac=True)
 
 
 def jbr_batch(confidence: float = 0.9, autocast: bool = True) -> GateImportance:

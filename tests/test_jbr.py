@@ -184,3 +184,27 @@ def test_every_criterion_runs_through_the_pruner(name):
         pruner.step()
     assert sum(p.numel() for p in model.parameters()) < 0.9 * before
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_macs_saved_equals_the_conv_and_linear_macs_a_removal_removes(tiny, batches):
+    """jbr-mac's denominator: removing one channel of a group really saves that many Conv/Linear MACs."""
+    import copy
+
+    from compress.plan import layer_macs
+
+    imp = criteria.get("jbr-mac")
+    imp.prepare(tiny, batches)
+    x = torch.zeros(1, 2, 6, 6, dtype=torch.float64)
+    before = sum(layer_macs(tiny, x).values())
+    for k, group in enumerate(_groups(tiny)):
+        saved = imp.macs_saved(group)
+        net = copy.deepcopy(tiny)
+        graph = tp.DependencyGraph().build_dependency(net, example_inputs=x)
+        root = graph.get_pruning_group(dict(net.named_modules())[{id(m): n for n, m in tiny.named_modules()}[
+            id(group[0].dep.target.module)]], group[0].dep.handler.__self__.prune_out_channels, idxs=[1])
+        root.prune()
+        assert saved[1].item() == pytest.approx(before - sum(layer_macs(net, x).values()))
+        scores = imp(group)
+        plain = criteria.get("jbr")
+        plain.prepare(tiny, batches)
+        torch.testing.assert_close(scores.double(), (plain(group).double() / saved).float().double())

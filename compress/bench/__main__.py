@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import CompressError
 
-BENCHMARKS = {"quant": "quant"}
+BENCHMARKS = {"criteria": "criteria_speed", "pruning": "pruning", "quant": "quant"}
 
 
 def main(argv: list[str] | None = None) -> int:

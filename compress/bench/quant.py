@@ -135,7 +135,8 @@ def _plot(rows: list[dict[str, Any]], plans: dict[str, dict[str, int]], out: Pat
     for ax, model in zip(axes, models):
         for name in dict.fromkeys(r["allocator"] for r in ok):
             sel = sorted((r for r in ok if r["model"] == model and r["allocator"] == name), key=lambda r: r["size_bytes"])
-            ax.plot([r["size_bytes"] / 1024 for r in sel], [100 * r["agreement"] for r in sel], "o-", label=name, alpha=0.8)
+            style = "o" if name == "random" else "o-"  # random: several seeds per budget, no line
+            ax.plot([r["size_bytes"] / 1024 for r in sel], [100 * r["agreement"] for r in sel], style, label=name, alpha=0.8)
         ax.set(title=f"{model}: agreement with fp32 vs weight size", xlabel="quantized weights (KiB)", ylabel="agreement %")
         ax.legend()
     ax = axes[-1]

@@ -1,0 +1,95 @@
+"""``python -m compress.bench criteria``: cost of each criterion's scoring per calibration image, relative to a
+plain forward+backward of the same model on the same batches (throughput ratio, measured in one run).
+
+Scoring = ``criteria.prepare`` (the calibration passes) + one ``__call__`` per prunable group. Plain = cross-entropy
+forward + backward per batch. On CUDA: bf16 autocast and channels_last for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+
+import criteria
+
+from ..atomic import write_text
+from ..models import resolve, spec_of
+from ..prune import classifier_layer
+from .output import machine, markdown_table, write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="small_resnet")
+    p.add_argument("--weights", default="random")
+    p.add_argument("--criteria", nargs="+", default=criteria.names(), choices=criteria.names())
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timings are the minimum over repeats")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    device = torch.device(args.device)
+    model = resolve(args.model, args.weights).to(device).eval()
+    shape = spec_of(model).input_shape
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(args.batch_size, *shape, generator=g).to(device),
+                torch.randint(0, 10, (args.batch_size,), generator=g).to(device)) for _ in range(args.batches)]
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    images = args.batch_size * args.batches
+
+    def plain() -> None:
+        for x, _ in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x)
+            F.cross_entropy(logits.float(), logits.detach().argmax(1)).backward()
+        model.zero_grad(set_to_none=True)
+
+    def timed(fn) -> float:
+        best = float("inf")
+        for _ in range(args.repeats):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    plain()  # warm-up
+    base = timed(plain)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=batches[0][0][:1])
+    groups = list(graph.get_all_groups(root_module_types=[torch.nn.Conv2d, torch.nn.Linear],
+                                       ignored_layers=[classifier_layer(model)]))
+    rows = []
+    for name in args.criteria:
+        def score() -> None:
+            imp = criteria.get(name)
+            criteria.prepare(imp, model, batches)
+            for group in groups:
+                imp(group)
+            model.zero_grad(set_to_none=True)
+
+        seconds = timed(score)
+        rows.append({"criterion": name, "ms_per_image": 1000 * seconds / images,
+                     "throughput_vs_fwd_bwd": base / seconds})
+        print(f"{name}: {1000 * seconds / images:.3f} ms/image, {base / seconds:.2f}x plain fwd+bwd throughput", flush=True)
+    payload = {"benchmark": "criteria", "machine": machine(), "settings": vars(args),
+               "plain_fwd_bwd_ms_per_image": 1000 * base / images, "rows": rows}
+    write_json(out / "criteria.json", payload)
+    table = [[r["criterion"], f"{r['ms_per_image']:.3f}", f"{r['throughput_vs_fwd_bwd']:.2f}"] for r in rows]
+    write_text(out / "criteria.md", f"{args.model}, batch {args.batch_size} x {args.batches}, {device}; plain fwd+bwd "
+               f"{1000 * base / images:.3f} ms/image\n\n" + markdown_table(["criterion", "ms / image", "throughput vs plain fwd+bwd"], table),
+               overwrite=True)
+    return payload
