@@ -107,6 +107,21 @@ def attach_spec(model: nn.Module, spec: ModelSpec) -> nn.Module:
     return model
 
 
+def sync_after_pruning(model: nn.Module) -> nn.Module:
+    """Update the plain attributes a forward pass reads that pruning cannot see (torchvision ViT's hidden_dim)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        model.hidden_dim = model.conv_proj.out_channels
+    return model
+
+
+def pruning_round_to(model: nn.Module) -> int | None:
+    """Channel multiple a model's structure requires (attention heads must keep equal widths)."""
+    heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    return max(heads) if heads else None
+
+
 def replay_pruning(model: nn.Module, spec: ModelSpec) -> nn.Module:
     """Re-apply ``spec.pruning_history`` to a freshly built, unpruned ``model`` (torch-pruning's replay)."""
     if not spec.pruning_history:
@@ -119,7 +134,7 @@ def replay_pruning(model: nn.Module, spec: ModelSpec) -> nn.Module:
     except (AttributeError, IndexError, KeyError, RuntimeError) as err:
         raise CompressError(f"pruning history does not fit architecture {spec.arch}: {err}",
                             "load the checkpoint with the toolkit version that wrote it") from err
-    return model
+    return sync_after_pruning(model)
 
 
 def build(spec: ModelSpec) -> nn.Module:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import CalibrationData, calibration
 from .errors import CompressError
-from .models import attach_spec, identify, spec_of
+from .models import attach_spec, identify, pruning_round_to, sync_after_pruning
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
     start = time.perf_counter()
     dense = model
     model = copy.deepcopy(model).eval()
-    spec = identify(dense) or spec_of(dense)
+    spec = identify(dense)
     if example_inputs is None:
         if spec is None:
             raise CompressError("cannot infer the input shape of this model", "pass example_inputs=torch.zeros(1, C, H, W)")
@@ -169,9 +169,10 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
         pruner = tp.pruner.BasePruner(net, example_inputs, importance=importance, global_pruning=global_pruning,
                                       pruning_ratio=channel_ratio, max_pruning_ratio=max_layer_ratio,
                                       iterative_steps=1, ignored_layers=_modules_named(net, ignored),
-                                      round_to=round_to)
+                                      round_to=round_to or pruning_round_to(net))
         criteria.prepare(importance, net, calib)
         pruner.step()
+        sync_after_pruning(net)
         value = count_macs_params(net, example_inputs)[metric_index] / dense_value
         return net, value, [tuple(h) for h in pruner.pruning_history()]
 

@@ -1,25 +1,36 @@
-"""JBR: Jacobian-based removal scores from multiplicative channel gates, as a torch-pruning Importance.
+"""JBR: Jacobian-based removal scores from multiplicative channel gates, as torch-pruning Importances.
 
-Removing channel group g is the perturbation δw = −w_g; to first order δf = −J_g w_g. A gate γ_c multiplying a
-channel's output (γ = 1) has ∂f/∂γ_c = J_c w_c, so the per-sample first-order effect of removing every channel
-comes from one forward and one backward pass per batch, with gate tensors of shape (B, C, 1, 1) hooked onto the
-outputs that disappear with the channel: a BatchNorm's output when a conv/linear feeds one (∂/∂γ = γ∂f/∂γ_bn +
-β∂f/∂β_bn), else the conv/linear output (Σ over the channel's weights and bias of w·∂f/∂w).
+Removing channel group g is the perturbation δw = −w_g; to first order δf = −J_g w_g (f the logits). A gate γ_c
+multiplying a channel's output (γ = 1) has ∂f/∂γ_c = J_c w_c, so the per-sample first-order effect of removing
+every channel comes from one forward and one backward pass per batch, with gate tensors of shape (B, C, 1, 1)
+hooked onto the output that disappears with the channel: a BatchNorm's output when a conv/linear feeds it
+(∂/∂γ = γ_bn·∂f/∂γ_bn + β_bn·∂f/∂β_bn), else the conv/linear output (Σ over the channel's weights and bias of
+w·∂f/∂w). The model runs in eval mode, so BatchNorm does not couple the samples of a batch. Coupled channels
+(residual additions, concatenations: several layers in one torch-pruning group) are removed together, so their
+per-sample derivatives are summed before squaring.
 
-* ``jbr`` scores group g by E_x[(m(x)ᵀ J_g(x) w_g)²], m(x) the one-hot predicted class of the dense model
-  (``target="softmax"``: its probabilities), frozen at the first scoring pass.
-* ``jbr-mac``: the same score divided by the MACs the channel's removal saves (global ranking by cost).
-* ``jbr-batch`` (the reference implementation's variant): per batch, the gradient of the batch-mean
-  cross-entropy against the frozen pseudo-labels (confidence > 0.9 only), squared, summed over batches.
-* ``jacobian``: E_x[(∂ CE(f(x), y_true)/∂γ_g)²] with the true labels.
+* :class:`JBRImportance` (``jbr``): E_x[(m(x)ᵀ J_g(x) w_g)²], m(x) the one-hot predicted class of the dense model
+  (``target="softmax"``: its probabilities), frozen at the first (dense) pass.
+* :class:`JBRPerMACImportance` (``jbr-mac``): the same divided by the MACs the channel's removal saves.
+* :class:`JBRBatchImportance` (``jbr-batch``, the reference implementation): Σ_batches (∂L_b/∂γ_g)², L_b the
+  batch-mean cross-entropy against the frozen pseudo-labels of the samples with dense confidence > 0.9.
+* :class:`JacobianImportance` (``jacobian``): E_x[(∂CE(f(x), y)/∂γ_g)²] with the true labels y.
 
-Coupled channels (residual additions, concatenations) are one torch-pruning group: their per-sample derivatives
-are summed before squaring. Memory: one float32 per (row, gated channel) on the CPU, rows = calibration samples
-(batches for ``jbr-batch``), e.g. 1024 samples × 26k channels (ResNet-50) ≈ 110 MB.
+Caching: the derivatives of all gated channels come from ONE pass over the calibration data and are reused until
+the scored model's structure (parameter names and shapes, :func:`fingerprint`) changes, so a pruning step scores
+every group from one pass and the next step re-scores. Inside any torch-pruning pruner the model is found from
+the group's dependency graph, so ``JBRImportance(data)`` needs no further call; ``prepare(model, data)`` runs the
+pass eagerly. The calibration data must yield the same samples in the same order at every pass (checked by a
+checksum per batch), since m(x) is stored per sample.
+
+Memory: one float32 per (row, gated channel) on the CPU, rows = calibration samples (batches for ``jbr-batch``),
+e.g. 1024 samples × 27.6k gated channels (ResNet-50: 26.6k BN channels + 1000 logits) ≈ 113 MB; plus the frozen
+softmax, samples × classes float32 (4 MB). During a pass, one batch's autograd graph on the model's device.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterable, Literal
 
 import torch
@@ -30,25 +41,43 @@ from torch import Tensor, nn
 from compress.data import inputs_of, labels_of
 from compress.errors import CompressError
 
-Objective = Literal["predicted", "softmax", "labels"]
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+Target = Literal["predicted", "softmax"]
+NORMS = (nn.modules.batchnorm._BatchNorm,)
+LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def gate_points(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules whose output channels vanish with a pruned channel: BNs fed by a conv/linear, other convs/linears."""
-    from compress.fold import foldable_pairs
+def fingerprint(model: nn.Module) -> tuple:
+    """The model's structure as the caches see it: parameter names and shapes."""
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
-    try:
-        pairs = foldable_pairs(model)
-    except CompressError:  # untraceable model: gate every conv/linear output and every BN output
-        pairs = []
-    paired_layers = {layer for layer, _ in pairs}
-    points = {}
-    for name, m in model.named_modules():
-        if isinstance(m, _NORMS) or (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-                                     and name not in paired_layers):
-            points[name] = m
-    return points
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without tensors)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def is_out_channel_pruning(dep: Any) -> bool:
+    """Whether a group item removes output channels (torch-pruning names every such handler prune_out_channels)."""
+    return getattr(dep.handler, "__name__", "") == "prune_out_channels"
+
+
+def _feeds_only_a_norm(graph: tp.DependencyGraph, layer: nn.Module) -> bool:
+    node = graph.module2node.get(layer)
+    if node is None or len(node.outputs) != 1:
+        return False
+    norm = node.outputs[0]
+    return isinstance(norm.module, NORMS) and len(norm.inputs) == 1
+
+
+def gate_points(model: nn.Module, graph: tp.DependencyGraph) -> dict[str, nn.Module]:
+    """Modules gated on their output: every BatchNorm, and every conv/linear unless it feeds exactly one BatchNorm
+    and nothing else (that BN's output is the one that vanishes with the channel)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, NORMS) or (isinstance(m, LAYERS) and not _feeds_only_a_norm(graph, m))}
 
 
 def _gate_shape(module: nn.Module, out: Tensor) -> tuple[int, ...]:
@@ -58,177 +87,299 @@ def _gate_shape(module: nn.Module, out: Tensor) -> tuple[int, ...]:
     return tuple(out.shape[:2]) + (1,) * (out.dim() - 2)
 
 
-def _fingerprint(model: nn.Module) -> tuple:
-    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+class CalibratedImportance(tp.importance.Importance):
+    """An Importance whose statistics come from passes over calibration ``data``, cached per model structure.
 
-
-def is_out_channel_pruning(dep: Any) -> bool:
-    return getattr(dep.handler, "__name__", "") == "prune_out_channels"
-
-
-class GateImportance(tp.importance.Importance):
-    """Scores = Σ_rows (Σ_{coupled gates} ∂s/∂γ)² / rows, from per-row gate derivatives cached per model structure.
-
-    Call :meth:`prepare` (``criteria.prepare``) with the model about to be pruned and the calibration data before
-    each pruning step; it recomputes only when the model's structure changed since the last pass.
+    ``imp(group)`` takes the model from the group's dependency graph (``group._DG.model``, set by torch-pruning on
+    every group) and recomputes the statistics only when that model's :func:`fingerprint` differs from the last
+    pass. ``prepare(model, data)`` binds ``data`` (if not given at construction) and runs the pass now.
+    Subclasses implement ``_calibrate`` (the passes), ``score`` (one group) and optionally ``_apply`` (hand the
+    statistics to a model object, e.g. as ``.grad``; run again for a structurally equal copy).
     """
 
-    def __init__(self, objective: Objective = "predicted", per_sample: bool = True, confidence: float = 0.0,
-                 autocast: bool = True, per_mac: bool = False) -> None:
-        if objective not in ("predicted", "softmax", "labels"):
-            raise CompressError(f"unknown JBR target {objective!r}", "use 'predicted' or 'softmax'")
-        self.objective, self.per_sample, self.confidence, self.autocast = objective, per_sample, confidence, autocast
-        self.per_mac = per_mac  # divide each score by the MACs its removal saves
-        self._layer_macs: dict[str, int] = {}
-        self._frozen: list[Tensor] | None = None  # dense model's softmax per calibration batch
+    def __init__(self, data: Iterable[Any] | None = None) -> None:
+        self.data = data
         self._fingerprint: tuple | None = None
-        self._derivs: dict[str, Tensor] = {}
-        self._names: dict[int, str] = {}
+        self._model: weakref.ref | None = None  # the last model prepared or scored
+        self._applied: weakref.ref | None = None  # the model _apply last ran on
+
+    def prepare(self, model: nn.Module, data: Iterable[Any] | None = None,
+                graph: tp.DependencyGraph | None = None) -> None:
+        """Run the calibration passes on ``model`` now, unless its structure is unchanged since the last pass."""
+        if data is not None and data is not self.data:
+            self.data, self._fingerprint = data, None
+        self._refresh(model, graph)
+
+    def invalidate(self) -> None:
+        """Recompute at the next scoring even if the structure is unchanged (e.g. after fine-tuning)."""
+        self._fingerprint = None
+
+    def __call__(self, group: Any) -> Tensor | None:
+        graph = getattr(group, "_DG", None)
+        model = getattr(graph, "model", None)
+        if model is None and self._model is not None:
+            model = self._model()
+        if model is None:
+            raise CompressError(f"{type(self).__name__} cannot tell which model this group belongs to",
+                                "score groups from a tp.DependencyGraph, or call criteria.prepare(importance, model, data)")
+        self._refresh(model, graph)
+        return self.score(group)
+
+    def _refresh(self, model: nn.Module, graph: tp.DependencyGraph | None) -> None:
+        self._model = weakref.ref(model)
+        current = fingerprint(model)
+        if current != self._fingerprint:
+            if self.data is None:
+                raise CompressError(f"{type(self).__name__} has no calibration data",
+                                    "construct it with data=..., or call criteria.prepare(importance, model, data) "
+                                    "before pruner.step()")
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.enable_grad():
+                    self._calibrate(model, self.data, graph)
+            finally:
+                model.train(was_training)
+            self._fingerprint, self._applied = current, None
+        if self._applied is None or self._applied() is not model:
+            self._apply(model)
+            self._applied = weakref.ref(model)
+
+    def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
+        raise NotImplementedError
+
+    def _apply(self, model: nn.Module) -> None:
+        """Hand the cached statistics to ``model`` (nothing to hand over by default)."""
+
+    def score(self, group: Any) -> Tensor | None:
+        raise NotImplementedError
+
+
+class GateImportance(CalibratedImportance):
+    """Scores from per-row gate derivatives ∂s/∂γ_c (γ = 1) of a per-sample objective s, summed over the coupled
+    gated layers of a group, squared, then averaged over samples (``per_sample``) or summed over batches.
+
+    ``autocast``: on CUDA, run the pass under bf16 autocast with float32 gates (so the per-channel reductions of
+    the derivatives are float32); otherwise the gates take each output's dtype.
+    After a pass: ``derivatives`` (rows, gated channels) float32 CPU, ``columns[name]`` a module's columns.
+    """
+
+    per_sample = True  # rows are samples; False: rows are batches (gate gradients summed over the batch)
+    uses_dense_targets = True  # freeze the dense model's softmax per calibration sample
+
+    def __init__(self, data: Iterable[Any] | None = None, *, autocast: bool = True) -> None:
+        super().__init__(data)
+        self.autocast = autocast
+        self.derivatives: Tensor | None = None
+        self.columns: dict[str, slice] = {}
+        self.dense_targets: list[Tensor] | None = None  # frozen softmax per calibration batch (CPU float32)
+        self._checksums: list[float] = []
+        self.example_input: Tensor | None = None
 
     def reset(self) -> None:
-        """Forget the frozen dense targets and the cached derivatives (a new dense model)."""
-        self._frozen, self._fingerprint, self._derivs = None, None, {}
+        """Forget the frozen dense targets and the cache (to score a different dense model)."""
+        self.derivatives, self.columns, self.dense_targets, self._checksums = None, {}, None, []
+        self.invalidate()
 
-    def _scalar(self, logits: Tensor, batch_index: int, labels: Tensor | None) -> Tensor:
-        """Per-sample objective s_b whose gate derivative is scored."""
-        if self.objective == "labels":
-            if labels is None:
-                raise CompressError("the 'jacobian' criterion needs labelled calibration batches",
-                                    "pass (input, label) batches, or use the label-free 'jbr'")
-            return F.cross_entropy(logits, labels.to(logits.device), reduction="none")
-        probs = self._frozen[batch_index].to(logits.device)
-        if not self.per_sample:  # batch-mean cross-entropy on confident pseudo-labels
-            confident, pseudo = probs.max(1)
-            keep = (confident > self.confidence).to(logits.dtype)
-            ce = F.cross_entropy(logits, pseudo, reduction="none")
-            return ce * keep / keep.sum().clamp(min=1)
-        weights = F.one_hot(probs.argmax(1), probs.shape[1]).to(logits.dtype) if self.objective == "predicted" else probs.to(logits.dtype)
-        return (weights * logits).sum(1)  # m(x)ᵀ f(x)
+    def objective(self, logits: Tensor, targets: Tensor | None, labels: Tensor | None) -> Tensor:
+        """s for a batch: per-sample values (B,), or one scalar for the batch when not ``per_sample``."""
+        raise NotImplementedError
 
-    def prepare(self, model: nn.Module, data: Iterable[Any]) -> None:
-        """One forward+backward per batch of ``data``: cache ∂s/∂γ for every gated channel (rows × channels)."""
-        self._names = {id(m): n for n, m in model.named_modules()}
-        fingerprint = _fingerprint(model)
-        if fingerprint == self._fingerprint:
-            return
-        points = gate_points(model)
-        gates: dict[str, Tensor] = {}
+    def _targets(self, index: int, x: Tensor, logits: Tensor, freeze: bool) -> Tensor | None:
+        """The dense model's softmax for batch ``index``: frozen at the first pass, checked against ``x`` later."""
+        if not self.uses_dense_targets:
+            return None
+        checksum = float(x.detach().double().sum())
+        if freeze:
+            self.dense_targets.append(logits.detach().float().softmax(1).cpu())
+            self._checksums.append(checksum)
+        elif (index >= len(self.dense_targets) or len(self.dense_targets[index]) != len(x)
+              or abs(checksum - self._checksums[index]) > 1e-6 * (1.0 + abs(self._checksums[index]))):
+            raise CompressError("the calibration data differs from the pass that froze the dense model's predictions",
+                                "pass the same calibration data, in a fixed order, at every pruning step "
+                                "(or call reset() to score a new dense model)")
+        return self.dense_targets[index].to(logits.device)
+
+    def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
+        device = model_device(model)
+        use_autocast = self.autocast and device.type == "cuda"
+        gates: dict[str, list[Tensor]] = {}
 
         def hook(name: str):
             def apply(module: nn.Module, inputs: Any, out: Tensor) -> Tensor:
-                gate = torch.ones(_gate_shape(module, out), device=out.device, dtype=out.dtype, requires_grad=True)
-                gates[name] = gate
+                dtype = torch.promote_types(out.dtype, torch.float32) if use_autocast else out.dtype
+                gate = torch.ones(_gate_shape(module, out), device=out.device, dtype=dtype, requires_grad=True)
+                gates.setdefault(name, []).append(gate)  # a module called twice gets one gate per call
                 return out * gate
             return apply
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in points.items()]
-        device = next(model.parameters()).device
-        use_autocast = self.autocast and device.type == "cuda"
-        rows: dict[str, list[Tensor]] = {n: [] for n in points}
-        freeze = self._frozen is None
-        frozen: list[Tensor] = []
-        was_training = model.training
-        model.eval()
+        handles: list[Any] = []
+        widths: dict[str, int] = {}
+        rows: list[Tensor] = []
+        freeze = self.uses_dense_targets and self.dense_targets is None
+        if freeze:
+            self.dense_targets, self._checksums = [], []
         try:
-            for i, batch in enumerate(data):
-                x, labels = inputs_of(batch).to(device), labels_of(batch)
+            for index, batch in enumerate(data):
+                x = inputs_of(batch).to(device)
+                if index == 0:
+                    self.example_input = x[:1].detach()
+                    if graph is None:
+                        graph = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_input)
+                    handles = [m.register_forward_hook(hook(n)) for n, m in gate_points(model, graph).items()]
                 gates.clear()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    logits = model(x).float()
-                if freeze:
-                    frozen.append(logits.detach().softmax(1).cpu())
-                    self._frozen = frozen
-                elif i >= len(self._frozen):
-                    raise CompressError("calibration data has more batches than when the dense targets were frozen",
-                                        "pass the same calibration data at every pruning step")
-                s = self._scalar(logits, i, labels)
+                    logits = model(x)
+                if logits.dtype in (torch.float16, torch.bfloat16):
+                    logits = logits.float()
+                s = self.objective(logits, self._targets(index, x, logits, freeze), labels_of(batch))
                 names = list(gates)
-                grads = torch.autograd.grad(s.sum(), [gates[n] for n in names], allow_unused=True)
-                for n, g in zip(names, grads):
-                    g = torch.zeros_like(gates[n]) if g is None else g
-                    g = g.reshape(g.shape[0], -1).float()
-                    rows[n].append((g if self.per_sample else g.sum(0, keepdim=True)).cpu())
+                flat = [g for n in names for g in gates[n]]
+                grads = iter(torch.autograd.grad(s.sum(), flat, allow_unused=True))
+                per_name: dict[str, Tensor] = {}
+                for n in names:
+                    total = sum((torch.zeros_like(g) if d is None else d) for g, d in zip(gates[n], grads))
+                    per_name[n] = total.reshape(len(x), -1)
+                if index == 0:
+                    widths = {n: d.shape[1] for n, d in per_name.items()}
+                row = torch.cat([per_name[n] if n in per_name else torch.zeros(len(x), w, device=device)
+                                 for n, w in widths.items()], 1)
+                rows.append((row if self.per_sample else row.sum(0, keepdim=True)).to("cpu", torch.float32))
+            if not rows:
+                raise CompressError(f"{type(self).__name__} got no calibration batches",
+                                    "pass a non-empty calibration set")
+        except BaseException:
+            if freeze:
+                self.dense_targets = None
+            raise
         finally:
             for h in handles:
                 h.remove()
-            model.train(was_training)
-        if not any(rows.values()):
-            raise CompressError("JBR got no calibration batches", "pass a non-empty calibration set")
-        if self.per_mac:
-            from compress.plan import layer_macs
+        if self.dense_targets is not None and len(rows) != len(self.dense_targets):
+            raise CompressError("the calibration data has fewer batches than when the dense predictions were frozen",
+                                "pass the same calibration data at every pruning step")
+        self.derivatives = torch.cat(rows)
+        starts = torch.tensor([0] + list(widths.values())).cumsum(0).tolist()
+        self.columns = {n: slice(a, b) for n, a, b in zip(widths, starts[:-1], starts[1:])}
 
-            self._layer_macs = layer_macs(model, x[:1])
-        if not self.per_sample and self.objective == "predicted" and not any(
-                bool((p.max(1).values > self.confidence).any()) for p in self._frozen):
-            raise CompressError(f"no calibration sample has confidence > {self.confidence}, so jbr-batch has nothing to score",
-                                "lower its confidence option or use 'jbr'")
-        self._derivs = {n: torch.cat(r) for n, r in rows.items() if r}
-        self._fingerprint = fingerprint
+    def _module_names(self, group: Any) -> dict[nn.Module, str]:
+        graph = getattr(group, "_DG", None)
+        if graph is not None:
+            return graph._module2name
+        model = self._model() if self._model is not None else None
+        return {m: n for n, m in model.named_modules()} if model is not None else {}
 
-    def row_derivatives(self, group: Any) -> Tensor | None:
-        """(rows, len(group idxs)): per-row ∂s/∂γ summed over the group's coupled gated layers."""
+    def group_derivatives(self, group: Any) -> Tensor | None:
+        """(rows, root channels) float64: Σ over the group's gated out-channel layers of ∂s/∂γ, mapped to root idxs;
+        None when no layer of the group is gated."""
+        names = self._module_names(group)
         total, seen = None, set()
-        for i, (dep, idxs) in enumerate(group):
-            if not is_out_channel_pruning(dep):
-                continue
-            name = self._names.get(id(dep.target.module))
-            if name not in self._derivs or (name, tuple(idxs)) in seen:
+        for item in group:
+            dep, idxs = item.dep, item.idxs
+            name = names.get(dep.target.module)
+            if not is_out_channel_pruning(dep) or name not in self.columns or (name, tuple(idxs)) in seen:
                 continue
             seen.add((name, tuple(idxs)))
-            d = self._derivs[name][:, list(idxs)]
+            pairs = [(r, i) for r, i in zip(item.root_idxs, idxs) if r is not None]
+            if not pairs:
+                continue
+            roots, local = zip(*pairs)
             if total is None:
-                total = torch.zeros(d.shape[0], len(group[0].idxs))
-            total[:, list(group[i].root_idxs)] += d
+                total = torch.zeros(self.derivatives.shape[0], len(group[0].idxs), dtype=torch.float64)
+            total[:, list(roots)] += self.derivatives[:, self.columns[name].start + torch.tensor(local)].double()
         return total
+
+    @torch.no_grad()
+    def score(self, group: Any) -> Tensor | None:
+        d = self.group_derivatives(group)
+        if d is None:
+            return None
+        return ((d ** 2).mean(0) if self.per_sample else (d ** 2).sum(0)).float()
+
+
+class JBRImportance(GateImportance):
+    """Exact per-sample JBR: E_x[(m(x)ᵀ J_g(x) w_g)²], the gate derivative of s(x) = m(x)ᵀ f(x).
+
+    ``target="predicted"``: m(x) the one-hot predicted class of the dense model; ``"softmax"``: its probabilities.
+    """
+
+    def __init__(self, data: Iterable[Any] | None = None, *, target: Target = "predicted", autocast: bool = True) -> None:
+        if target not in ("predicted", "softmax"):
+            raise CompressError(f"unknown JBR target {target!r}", "use target='predicted' or target='softmax'")
+        super().__init__(data, autocast=autocast)
+        self.target = target
+
+    def objective(self, logits: Tensor, targets: Tensor | None, labels: Tensor | None) -> Tensor:
+        if self.target == "predicted":
+            return logits.gather(1, targets.argmax(1, keepdim=True))[:, 0]
+        return (targets.to(logits.dtype) * logits).sum(1)
+
+
+class JBRPerMACImportance(JBRImportance):
+    """JBR per MAC saved: E_x[(m(x)ᵀ J_g(x) w_g)²] / ΔMACs_g, so a global ranking weighs damage against cost."""
+
+    def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
+        from compress.plan import layer_macs
+
+        super()._calibrate(model, data, graph)
+        self.layer_macs = layer_macs(model, self.example_input)
 
     def macs_saved(self, group: Any) -> Tensor:
         """MACs (per sample) removed with each root channel: its share of every conv/linear whose output or input
         channels the group prunes (Cout·Cin/groups·k·HW_out split evenly over the pruned dimension)."""
+        names = self._module_names(group)
         saved = torch.zeros(len(group[0].idxs), dtype=torch.float64)
         seen = set()
-        for i, (dep, idxs) in enumerate(group):
-            layer = dep.target.module
-            name = self._names.get(id(layer))
-            if name not in self._layer_macs or (name, dep.handler.__name__) in seen:
+        for item in group:
+            layer, handler = item.dep.target.module, getattr(item.dep.handler, "__name__", "")
+            name = names.get(layer)
+            if name not in self.layer_macs or (name, handler) in seen:
                 continue
-            seen.add((name, dep.handler.__name__))
-            out_dim = layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
-            in_dim = layer.in_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.in_features
-            if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1 and layer.groups == in_dim:
+            seen.add((name, handler))
+            conv = isinstance(layer, nn.modules.conv._ConvNd)
+            out_dim = layer.out_channels if conv else layer.out_features
+            in_dim = layer.in_channels if conv else layer.in_features
+            if conv and layer.groups > 1 and layer.groups == in_dim:
                 in_dim = out_dim = layer.groups  # depthwise: one channel removes one filter either way
-            per_channel = self._layer_macs[name] / (out_dim if is_out_channel_pruning(dep) else in_dim)
-            saved[list(group[i].root_idxs)] += per_channel
+            per_channel = self.layer_macs[name] / (out_dim if is_out_channel_pruning(item.dep) else in_dim)
+            roots = [r for r in item.root_idxs if r is not None]
+            saved[roots] += per_channel
         return saved
 
-    @torch.no_grad()
-    def __call__(self, group: Any) -> Tensor | None:
-        if self._fingerprint is None:
-            raise CompressError("JBR scores were requested before any calibration pass",
-                                "call criteria.prepare(importance, model, data) before pruner.step()")
-        d = self.row_derivatives(group)
-        if d is None:
-            return None
-        score = (d.double() ** 2).mean(0) if self.per_sample else (d.double() ** 2).sum(0)
-        if self.per_mac:
-            score = score / self.macs_saved(group).clamp(min=1.0)
-        return score.float()
+    def score(self, group: Any) -> Tensor | None:
+        jbr = super().score(group)
+        return None if jbr is None else (jbr.double() / self.macs_saved(group).clamp(min=1.0)).float()
 
 
-def jbr(target: Objective = "predicted", autocast: bool = True) -> GateImportance:
-    """Exact per-sample JBR: E_x[(m(x)ᵀ J_g(x) w_g)²]."""
-    return GateImportance(target, per_sample=True, autocast=autocast)
+class JBRBatchImportance(GateImportance):
+    """Batch-gradient JBR (reference implementation): Σ_batches (∂L_b/∂γ_g)², L_b the mean cross-entropy of the
+    batch's samples whose dense confidence max softmax > ``confidence`` against their frozen predicted classes."""
+
+    per_sample = False
+
+    def __init__(self, data: Iterable[Any] | None = None, *, confidence: float = 0.9, autocast: bool = True) -> None:
+        super().__init__(data, autocast=autocast)
+        self.confidence = confidence
+
+    def objective(self, logits: Tensor, targets: Tensor | None, labels: Tensor | None) -> Tensor:
+        confident, pseudo = targets.max(1)
+        keep = (confident > self.confidence).to(logits.dtype)
+        return (F.cross_entropy(logits, pseudo, reduction="none") * keep).sum() / keep.sum().clamp(min=1)
+
+    def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
+        super()._calibrate(model, data, graph)
+        if not any(bool((t.max(1).values > self.confidence).any()) for t in self.dense_targets):
+            raise CompressError(f"no calibration sample has dense confidence > {self.confidence}, so jbr-batch has "
+                                "nothing to score", "lower its confidence option or use 'jbr'")
 
 
-def jbr_per_mac(target: Objective = "predicted", autocast: bool = True) -> GateImportance:
-    """JBR per MAC saved: E_x[(m(x)ᵀ J_g(x) w_g)²] / ΔMACs_g, so a global ranking weighs damage against cost."""
-    return GateImportance(target, per_sample=True, autocast=autocast, per_mac=True)
+class JacobianImportance(GateImportance):
+    """Supervised gate criterion: E_x[(∂CE(f(x), y)/∂γ_g)²] with the true labels y of the calibration batches."""
 
+    uses_dense_targets = False
 
-def jbr_batch(confidence: float = 0.9, autocast: bool = True) -> GateImportance:
-    """Batch-gradient JBR: Σ_batches (∂ mean CE(f, pseudo-labels with confidence > ``confidence``)/∂γ_g)²."""
-    return GateImportance("predicted", per_sample=False, confidence=confidence, autocast=autocast)
-
-
-def jacobian(autocast: bool = True) -> GateImportance:
-    """Supervised gate criterion: E_x[(∂ CE(f(x), y)/∂γ_g)²] with the true labels y."""
-    return GateImportance("labels", per_sample=True, autocast=autocast)
+    def objective(self, logits: Tensor, targets: Tensor | None, labels: Tensor | None) -> Tensor:
+        if labels is None:
+            raise CompressError("the 'jacobian' criterion needs labelled calibration batches",
+                                "pass (input, label) batches, or use the label-free 'jbr'")
+        return F.cross_entropy(logits, labels.to(logits.device), reduction="none")

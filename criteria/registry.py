@@ -1,40 +1,167 @@
 """One registry of pruning criteria by name; each is a torch-pruning Importance, so every pruner can use it.
 
-``prepare(importance, model, data)`` runs the passes a criterion needs before ``pruner.step()``: the gate pass for
-``jbr``/``jbr-batch``/``jacobian``; the gradient of the cross-entropy against the model's own predictions for
-``taylor`` (label-free); per-sample squared gradients for ``hessian`` (torch-pruning's OBD approximation).
-Magnitude criteria need nothing.
+Criteria that need data (``Criterion.uses_data``) are :class:`~criteria.jbr.CalibratedImportance` objects: they
+take calibration ``data`` at construction or through :func:`prepare`, run their passes when a group of a model
+with a new structure is scored, and cache the result per structure. The gradient baselines are label-free:
+``taylor`` uses the gradient of the cross-entropy against the model's own predicted classes, ``hessian`` the mean
+of its per-sample squared gradients (OBD with the Fisher diagonal). Magnitude criteria need nothing.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-from torch import nn
+from torch import Tensor, nn
 
-from compress.data import inputs_of, labels_of
+from compress.data import inputs_of
 from compress.errors import CompressError
 
-from .jbr import jacobian, jbr, jbr_batch, jbr_per_mac
+from .jbr import (CalibratedImportance, JacobianImportance, JBRBatchImportance, JBRImportance, JBRPerMACImportance,
+                  model_device)
 
-_REGISTRY: dict[str, tuple[Callable[..., tp.importance.Importance], str]] = {
-    "jbr": (jbr, "exact per-sample JBR: E_x[(m(x)ᵀ J_g w_g)²], m = dense model's predicted class"),
-    "jbr-mac": (jbr_per_mac, "JBR divided by the MACs the removal saves"),
-    "jbr-batch": (jbr_batch, "batch-gradient JBR on confident pseudo-labels (reference implementation)"),
-    "jacobian": (jacobian, "E_x[(∂CE(f, y)/∂γ_g)²] with true labels"),
-    "l1": (lambda **kw: tp.importance.GroupMagnitudeImportance(p=1, **kw), "group L1 norm of weights"),
-    "l2": (lambda **kw: tp.importance.GroupMagnitudeImportance(p=2, **kw), "group L2 norm of weights"),
-    "taylor": (lambda **kw: TaylorImportance(**kw), "|w·∇L| on the model's own predictions"),
-    "hessian": (lambda **kw: HessianImportance(**kw), "OBD: w²·E[(∇L)²] (Fisher diagonal)"),
-    "bn": (lambda **kw: tp.importance.BNScaleImportance(**kw), "|γ| of BatchNorm"),
-    "fpgm": (lambda **kw: tp.importance.FPGMImportance(**kw), "filter pruning via geometric median"),
-    "lamp": (lambda **kw: tp.importance.LAMPImportance(**kw), "layer-adaptive magnitude pruning"),
-    "random": (lambda **kw: tp.importance.RandomImportance(), "uniformly random scores"),
+PER_SAMPLE_FLOATS = 1 << 26  # per-sample gradients held at once by the hessian pass (256 MB of float32)
+
+
+def _own_prediction_loss(logits: Tensor, reduction: str = "mean") -> Tensor:
+    """CE(f(x), argmax f(x)): the label-free loss of the gradient baselines."""
+    return F.cross_entropy(logits, logits.detach().argmax(1), reduction=reduction)
+
+
+class _GradientStatistic(CalibratedImportance):
+    """A per-parameter statistic from calibration passes, written into ``p.grad`` of the scored model, where
+    torch-pruning's gradient importances read it."""
+
+    def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
+        self.statistics = self._statistics(model, data)
+
+    def _apply(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            p.grad = self.statistics[n].clone() if n in self.statistics else torch.zeros_like(p)
+
+    def _statistics(self, model: nn.Module, data: Iterable[Any]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+class TaylorImportance(_GradientStatistic, tp.importance.GroupTaylorImportance):
+    """torch-pruning's group Taylor score Σ|w·∂L/∂w| (BatchNorm never scored: see its prune_groupnorm branch),
+    L = Σ_batches mean CE(f(x), argmax f(x)) of the model being pruned."""
+
+    def __init__(self, data: Iterable[Any] | None = None, **options: Any) -> None:
+        tp.importance.GroupTaylorImportance.__init__(self, **options)
+        CalibratedImportance.__init__(self, data)
+
+    score = tp.importance.GroupTaylorImportance.__call__  # scoring; __call__ (CalibratedImportance) refreshes first
+
+    def _statistics(self, model: nn.Module, data: Iterable[Any]) -> dict[str, Tensor]:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        sums = {n: torch.zeros_like(p) for n, p in params.items()}
+        device, count = model_device(model), 0
+        for batch in data:
+            loss = _own_prediction_loss(model(inputs_of(batch).to(device)))
+            for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+                if g is not None:
+                    sums[n] += g
+            count += 1
+        if count == 0:
+            raise CompressError("the taylor criterion got no calibration batches", "pass a non-empty calibration set")
+        return sums
+
+
+class HessianImportance(_GradientStatistic, tp.importance.GroupHessianImportance):
+    """torch-pruning's OBD score Σ w²·E_x[(∂ℓ_x/∂w)²] (Fisher diagonal), ℓ_x = CE(f(x), argmax f(x)) per sample.
+
+    torch-pruning documents a loop of one backward per sample into ``accumulate_grad``; in 1.6.1 that method tests
+    ``name in self._accu_grad`` but stores by parameter, so it keeps only the last sample. The same per-sample
+    squared gradients are computed here with ``torch.func`` (vmap of grad, ``PER_SAMPLE_FLOATS`` at a time), or
+    with the per-sample loop when ``vectorize=False`` or when the model cannot be vmapped."""
+
+    def __init__(self, data: Iterable[Any] | None = None, *, vectorize: bool = True, **options: Any) -> None:
+        tp.importance.GroupHessianImportance.__init__(self, **options)
+        CalibratedImportance.__init__(self, data)
+        self.vectorize = vectorize
+
+    score = tp.importance.GroupHessianImportance.__call__
+
+    def _statistics(self, model: nn.Module, data: Iterable[Any]) -> dict[str, Tensor]:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        squares = {n: torch.zeros_like(p) for n, p in params.items()}
+        device, count = model_device(model), 0
+        for batch in data:
+            x = inputs_of(batch).to(device)
+            for n, sq in self._squared_gradients(model, params, x).items():
+                squares[n] += sq
+            count += len(x)
+        if count == 0:
+            raise CompressError("the hessian criterion got no calibration batches", "pass a non-empty calibration set")
+        self._accu_grad, self._counter = {}, {}  # nothing for torch-pruning's own accumulation to write over p.grad
+        return {n: s / count for n, s in squares.items()}
+
+    def _squared_gradients(self, model: nn.Module, params: dict[str, nn.Parameter], x: Tensor) -> dict[str, Tensor]:
+        """Σ over the samples of x of (∂ℓ_x/∂w)² per parameter."""
+        if self.vectorize:
+            try:
+                return self._vmapped(model, params, x)
+            except RuntimeError:  # data-dependent control flow, in-place ops on buffers, ...: loop instead
+                self.vectorize = False
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        for xi in x:
+            grads = torch.autograd.grad(_own_prediction_loss(model(xi[None])), list(params.values()), allow_unused=True)
+            for n, g in zip(params, grads):
+                if g is not None:
+                    total[n] += g * g
+        return total
+
+    @staticmethod
+    def _vmapped(model: nn.Module, params: dict[str, nn.Parameter], x: Tensor) -> dict[str, Tensor]:
+        from torch.func import functional_call, grad, vmap
+
+        fixed = {**{n: p.detach() for n, p in model.named_parameters() if n not in params}, **dict(model.named_buffers())}
+
+        def loss(weights: dict[str, Tensor], xi: Tensor) -> Tensor:
+            return _own_prediction_loss(functional_call(model, (weights, fixed), (xi[None],)))
+
+        per_sample = vmap(grad(loss), in_dims=(None, 0))
+        detached = {n: p.detach() for n, p in params.items()}
+        chunk = max(1, PER_SAMPLE_FLOATS // max(1, sum(p.numel() for p in params.values())))
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        for part in x.split(chunk):
+            for n, g in per_sample(detached, part).items():
+                total[n] += (g * g).sum(0)
+        return total
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A registry entry: ``make(**options)`` builds the Importance; ``uses_data``: it also takes ``data=``."""
+
+    make: Callable[..., tp.importance.Importance]
+    description: str
+    uses_data: bool = False
+    needs_labels: bool = False
+
+
+_REGISTRY: dict[str, Criterion] = {
+    "jbr": Criterion(JBRImportance, "exact per-sample JBR: E_x[(m(x)ᵀ J_g w_g)²], m = dense model's predicted class",
+                     uses_data=True),
+    "jbr-mac": Criterion(JBRPerMACImportance, "JBR divided by the MACs the removal saves", uses_data=True),
+    "jbr-batch": Criterion(JBRBatchImportance, "batch-gradient JBR on confident frozen pseudo-labels (reference)",
+                           uses_data=True),
+    "jacobian": Criterion(JacobianImportance, "E_x[(∂CE(f, y)/∂γ_g)²] with the true labels y", uses_data=True,
+                          needs_labels=True),
+    "l1": Criterion(lambda **kw: tp.importance.GroupMagnitudeImportance(p=1, **kw), "group L1 norm of weights"),
+    "l2": Criterion(lambda **kw: tp.importance.GroupMagnitudeImportance(p=2, **kw), "group L2 norm of weights"),
+    "taylor": Criterion(TaylorImportance, "Σ|w·∇L| on the model's own predictions (BN not scored)", uses_data=True),
+    "hessian": Criterion(HessianImportance, "OBD: w²·E[(∇ℓ)²] (Fisher diagonal) on own predictions", uses_data=True),
+    "bn": Criterion(tp.importance.BNScaleImportance, "|γ| of BatchNorm"),
+    "fpgm": Criterion(tp.importance.FPGMImportance, "filter pruning via geometric median"),
+    "lamp": Criterion(tp.importance.LAMPImportance, "layer-adaptive magnitude pruning"),
+    "random": Criterion(tp.importance.RandomImportance, "uniformly random scores"),
 }
-NEEDS_LABELS = {"jacobian"}
+NEEDS_LABELS = frozenset(n for n, c in _REGISTRY.items() if c.needs_labels)
 
 
 def names() -> list[str]:
@@ -43,97 +170,36 @@ def names() -> list[str]:
 
 
 def describe() -> dict[str, str]:
-    return {n: d for n, (_, d) in _REGISTRY.items()}
+    """One line per criterion name."""
+    return {n: c.description for n, c in _REGISTRY.items()}
 
 
-def get(name: str, **options: Any) -> tp.importance.Importance:
-    """The torch-pruning Importance registered as ``name`` (options go to its constructor)."""
+def uses_data(name: str) -> bool:
+    """Whether criterion ``name`` runs calibration passes (and so needs ``data``)."""
+    return _entry(name).uses_data
+
+
+def _entry(name: str) -> Criterion:
     if name not in _REGISTRY:
         raise CompressError(f"unknown criterion {name!r}", f"use one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def get(name: str, data: Iterable[Any] | None = None, **options: Any) -> tp.importance.Importance:
+    """The torch-pruning Importance registered as ``name``; ``data`` goes to criteria that use it (ignored by the
+    others), ``options`` to its constructor (e.g. ``target="softmax"`` for jbr, ``confidence`` for jbr-batch)."""
+    entry = _entry(name)
     try:
-        return _REGISTRY[name][0](**options)
+        return entry.make(data, **options) if entry.uses_data else entry.make(**options)
     except TypeError as err:
-        raise CompressError(f"bad options for criterion {name}: {err}", "check the criterion options") from err
+        raise CompressError(f"bad options for criterion {name}: {err}", "check the criterion's options") from err
 
 
-def _own_prediction_loss(model: nn.Module, batch: Any, reduction: str = "mean") -> torch.Tensor:
-    device = next(model.parameters()).device
-    logits = model(inputs_of(batch).to(device))
-    return F.cross_entropy(logits, logits.detach().argmax(1), reduction=reduction)
+def prepare(importance: tp.importance.Importance, model: nn.Module, data: Iterable[Any] | None = None) -> None:
+    """Run the calibration passes ``importance`` needs on ``model`` (a no-op for data-free criteria).
 
-
-class _CachedGradients:
-    """Gradient statistics per parameter name, recomputed only when the model's structure changes, so the trial
-    copies a pruning step makes reuse one calibration pass (as the gate criteria do)."""
-
-    def _cached(self, model: nn.Module, data: Iterable[Any]) -> dict[str, torch.Tensor]:
-        from .jbr import _fingerprint
-
-        fingerprint = _fingerprint(model)
-        if getattr(self, "_grad_fingerprint", None) != fingerprint:
-            was_training = model.training
-            model.eval()
-            try:
-                self._grad_cache = self._statistics(model, data)
-            finally:
-                model.train(was_training)
-            self._grad_fingerprint = fingerprint
-        return self._grad_cache
-
-
-class TaylorImportance(_CachedGradients, tp.importance.GroupTaylorImportance):
-    """torch-pruning's group Taylor |w·∇L| with L the cross-entropy against the model's own predictions."""
-
-    def _statistics(self, model: nn.Module, data: Iterable[Any]) -> dict[str, torch.Tensor]:
-        params = dict(model.named_parameters())
-        sums = {n: torch.zeros_like(p) for n, p in params.items()}
-        batches = 0
-        for batch in data:
-            grads = torch.autograd.grad(_own_prediction_loss(model, batch), list(params.values()), allow_unused=True)
-            for n, g in zip(params, grads):
-                if g is not None:
-                    sums[n] += g
-            batches += 1
-        if batches == 0:
-            raise CompressError("the taylor criterion got no calibration batches", "pass a non-empty calibration set")
-        return sums
-
-    def prepare(self, model: nn.Module, data: Iterable[Any]) -> None:
-        for n, p in model.named_parameters():
-            p.grad = self._cached(model, data)[n].clone()
-
-
-class HessianImportance(_CachedGradients, tp.importance.GroupHessianImportance):
-    """torch-pruning's OBD score w²·E[(∇ℓ)²] with per-sample losses on the model's own predictions.
-
-    torch-pruning 1.6.1's ``accumulate_grad`` keys by name but stores by parameter, so it keeps only the last
-    sample; the squared gradients are accumulated over all samples here instead."""
-
-    def _statistics(self, model: nn.Module, data: Iterable[Any]) -> dict[str, torch.Tensor]:
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        squares = {n: torch.zeros_like(p) for n, p in params.items()}
-        count = 0
-        for batch in data:
-            for loss in _own_prediction_loss(model, batch, reduction="none"):
-                grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True, allow_unused=True)
-                for n, g in zip(params, grads):
-                    if g is not None:
-                        squares[n] += g * g
-                count += 1
-        if count == 0:
-            raise CompressError("the hessian criterion got no calibration batches", "pass a non-empty calibration set")
-        return {n: s / count for n, s in squares.items()}
-
-    def prepare(self, model: nn.Module, data: Iterable[Any]) -> None:
-        cache = self._cached(model, data)
-        params = dict(model.named_parameters())
-        self._accu_grad = {params[n]: s.clone() for n, s in cache.items()}
-        self._counter = {params[n]: 1 for n in cache}
-        for n in cache:  # its __call__ writes the mean into p.grad, which must exist
-            params[n].grad = torch.zeros_like(params[n])
-
-
-def prepare(importance: tp.importance.Importance, model: nn.Module, data: Iterable[Any]) -> None:
-    """Run the calibration passes ``importance`` needs on ``model`` (call before every ``pruner.step()``)."""
-    if hasattr(importance, "prepare"):
+    Optional when ``data`` was given to :func:`get`: scoring a group then runs the passes itself whenever the
+    model's structure changed. Passes are cached per structure, so calling this before every ``pruner.step()``
+    (or on structurally equal copies) costs nothing after the first time."""
+    if isinstance(importance, CalibratedImportance):
         importance.prepare(model, data)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,33 +11,45 @@ import torch_pruning as tp
 from torch import nn
 
 import criteria
-from compress import CompressError, resolve
+from compress import CompressError
 from compress.data import synthetic
-from criteria.jbr import GateImportance, is_out_channel_pruning
+from compress.small_resnet import SmallResNet
+from criteria.jbr import JBRImportance
+from criteria.registry import HessianImportance, TaylorImportance
+
+X_SHAPE = (2, 6, 6)
 
 
 class TinyResNet(nn.Module):
-    """Stem, an identity block (channels coupled with the stem) and a downsampling block, linear head."""
+    """conv-BN-relu stem; two identity blocks (stem channels coupled with both); a block with a 1x1 downsample whose
+    second conv has no BN (gated on its own output, coupled with the downsample conv); linear head."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem, self.bn0 = nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.a1, self.abn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.a2, self.abn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.b1, self.bbn1 = nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(6)
-        self.b2 = nn.Conv2d(6, 6, 3, padding=1)  # no BN: gated on the conv output
+        self.a1, self.abn1 = nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.a2, self.abn2 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.c1, self.cbn1 = nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.c2, self.cbn2 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.d1, self.dbn1 = nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(5)
+        self.d2 = nn.Conv2d(5, 6, 3, padding=1)
         self.down = nn.Conv2d(4, 6, 1, stride=2)
         self.head = nn.Linear(6, 3)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn0(self.stem(x)))
         x = F.relu(self.abn2(self.a2(F.relu(self.abn1(self.a1(x))))) + x)
-        x = F.relu(self.b2(F.relu(self.bbn1(self.b1(x)))) + self.down(x))
+        x = F.relu(self.cbn2(self.c2(F.relu(self.cbn1(self.c1(x))))) + x)
+        x = F.relu(self.d2(F.relu(self.dbn1(self.d1(x)))) + self.down(x))
         return self.head(x.mean((2, 3)))
 
 
+GATED = ("bn0", "abn1", "abn2", "cbn1", "cbn2", "dbn1", "d2", "down", "head")  # outputs that vanish with a channel
+COUPLED = ({"bn0", "abn2", "cbn2"}, {"abn1"}, {"cbn1"}, {"dbn1"}, {"d2", "down"})  # gated layers per prunable group
+
+
 @pytest.fixture
-def tiny():
+def tiny() -> TinyResNet:
     torch.manual_seed(0)
     net = TinyResNet().double()
     with torch.no_grad():
@@ -47,164 +61,238 @@ def tiny():
 
 
 @pytest.fixture
-def batches():
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(5, 2, 6, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    return [(torch.randn(5, *X_SHAPE, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g))
+            for _ in range(2)]
 
 
-def _channel_params(net: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """The parameters that make up each gated channel's output (BN affine, or conv weight and bias)."""
-    return {"bn0": [net.bn0.weight, net.bn0.bias], "abn1": [net.abn1.weight, net.abn1.bias],
-            "abn2": [net.abn2.weight, net.abn2.bias], "bbn1": [net.bbn1.weight, net.bbn1.bias],
-            "b2": [net.b2.weight, net.b2.bias], "down": [net.down.weight, net.down.bias]}
+def graph_of(net: nn.Module) -> tp.DependencyGraph:
+    return tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, *X_SHAPE, dtype=torch.float64))
 
 
-def brute_force_derivatives(net, batches):
-    """Per-sample loop: d(m(x)ᵀ f(x)) w.r.t. every parameter, reduced to Σ_{params of channel c} w·∂w."""
-    rows = {name: [] for name in _channel_params(net)}
-    for x in torch.cat(batches):
-        out = net(x[None])[0]
-        target = out[out.argmax()]
-        for name, params in _channel_params(net).items():
-            grads = torch.autograd.grad(target, params, retain_graph=True)
-            rows[name].append(sum((p * g).reshape(p.shape[0], -1).sum(1) for p, g in zip(params, grads)))
-    return {name: torch.stack(r) for name, r in rows.items()}
+def groups_of(net: nn.Module) -> list:
+    return list(graph_of(net).get_all_groups(root_module_types=[nn.Conv2d, nn.Linear], ignored_layers=[net.head]))
 
 
-def test_gate_derivatives_equal_per_sample_loop(tiny, batches):
-    imp = criteria.get("jbr")
-    imp.prepare(tiny, batches)
-    expected = brute_force_derivatives(tiny, batches)
-    assert set(imp._derivs) == set(expected) | {"head"}  # conv->BN pairs gate the BN; unpaired convs themselves
-    for name, d in expected.items():
-        torch.testing.assert_close(imp._derivs[name].double(), d, atol=1e-6, rtol=1e-5)
+def brute_force_rows(net: nn.Module, chunks: list[torch.Tensor], objective) -> dict[str, torch.Tensor]:
+    """One backward per chunk (a sample, or a batch) of objective(logits, chunk index) w.r.t. the parameters,
+    reduced per gated channel to Σ_{params of the channel} w·∂w (BN γ, β; conv/linear weights and bias)."""
+    modules = dict(net.named_modules())
+    params = {n: [p for p in (modules[n].weight, modules[n].bias) if p is not None] for n in GATED}
+    flat = [p for n in GATED for p in params[n]]
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in GATED}
+    for i, x in enumerate(chunks):
+        grads = iter(torch.autograd.grad(objective(net(x), i), flat))
+        for n in GATED:
+            rows[n].append(sum((p * next(grads)).reshape(p.shape[0], -1).sum(1) for p in params[n]))
+    return {n: torch.stack(r).detach() for n, r in rows.items()}
 
 
-def _groups(net):
-    graph = tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, 2, 6, 6, dtype=torch.float64))
-    return list(graph.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear], ignored_layers=[net.head]))
+def per_sample_objective(kind: str, net: nn.Module, batches: list) -> tuple[list[torch.Tensor], object]:
+    """The samples one by one, and s(logits, i): m(x)ᵀf with the dense prediction, or CE with the true label."""
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        probs = net(x).softmax(1)
+    objectives = {"predicted": lambda out, i: out[0, probs[i].argmax()],
+                  "softmax": lambda out, i: (probs[i] * out[0]).sum(),
+                  "jacobian": lambda out, i: F.cross_entropy(out, y[i:i + 1])}
+    return list(x[:, None]), objectives[kind]
 
 
-def test_group_scores_sum_coupled_derivatives_before_squaring(tiny, batches):
-    imp = criteria.get("jbr")
-    imp.prepare(tiny, batches)
-    d = brute_force_derivatives(tiny, batches)
-    names = {id(m): n for n, m in tiny.named_modules()}
-    coupled_seen = False
-    for group in _groups(tiny):
-        gated = {names.get(id(dep.target.module)) for dep, _ in group if is_out_channel_pruning(dep)} & set(d)
-        expected = (sum(d[n] for n in gated) ** 2).mean(0)  # all layers here keep channel order: idxs == root idxs
-        torch.testing.assert_close(imp(group).double(), expected.float().double(), rtol=1e-5, atol=1e-9)
-        coupled_seen |= gated >= {"bn0", "abn2"}
-    assert coupled_seen  # the stem's channels are coupled with the identity block's output
+def make(kind: str, batches: list) -> criteria.registry.CalibratedImportance:
+    return criteria.get("jacobian", batches) if kind == "jacobian" else criteria.get("jbr", batches, target=kind)
 
 
-def test_coupled_score_is_first_order_change_of_removing_the_group(tiny, batches):
-    """Scaling every coupled channel c by (1 - t): d/dt of m(x)ᵀf at t=0 equals minus the summed gate derivative."""
-    imp = criteria.get("jbr")
-    imp.prepare(tiny, batches)
-    x = torch.cat(batches)
+def gated_names(net: nn.Module, group) -> set[str]:
+    """The gated layers whose output channels the group removes."""
+    names = {id(m): n for n, m in net.named_modules()}
+    return {names[id(dep.target.module)] for dep, _ in group
+            if dep.handler.__name__ == "prune_out_channels" and names.get(id(dep.target.module)) in GATED}
+
+
+@pytest.mark.parametrize("kind", ["predicted", "softmax", "jacobian"])
+def test_gate_derivatives_equal_the_per_sample_loop(tiny, batches, kind):
+    imp = make(kind, batches)
+    imp.prepare(tiny)
+    assert set(imp.columns) == set(GATED)  # conv->BN pairs gate the BN, other convs / linears themselves
+    expected = brute_force_rows(tiny, *per_sample_objective(kind, tiny, batches))
+    for name, rows in expected.items():
+        torch.testing.assert_close(imp.derivatives[:, imp.columns[name]].double(), rows, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["predicted", "jacobian"])
+def test_group_scores_square_the_coupled_sum_of_brute_force_derivatives(tiny, batches, kind):
+    imp = make(kind, batches)
+    rows = brute_force_rows(tiny, *per_sample_objective(kind, tiny, batches))
+    matched = []
+    for group in groups_of(tiny):  # every channel keeps its index in every layer here: idxs == root idxs
+        gated = gated_names(tiny, group)
+        assert gated in COUPLED
+        matched.append(gated)
+        expected = (sum(rows[n] for n in gated) ** 2).mean(0)
+        torch.testing.assert_close(imp(group).double(), expected, rtol=1e-5, atol=1e-9)
+    assert sorted(map(sorted, matched)) == sorted(map(sorted, COUPLED))
+
+
+def scaled_objective(net: nn.Module, x: torch.Tensor, cls: torch.Tensor, names: set[str], c: int,
+                     scale: float) -> torch.Tensor:
+    """m(x)ᵀf with channel c of every named gated layer scaled by ``scale`` (BN γ and β, or conv weight and bias)."""
+    scaled = copy.deepcopy(net)
+    modules = dict(scaled.named_modules())
+    with torch.no_grad():
+        for n in names:
+            for p in (modules[n].weight, modules[n].bias):
+                p[c] *= scale
+        return scaled(x).gather(1, cls[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("coupling", [{"bn0", "abn2", "cbn2"}, {"d2", "down"}])
+def test_coupled_score_is_the_first_order_change_of_removing_the_whole_group(tiny, batches, coupling):
+    imp = criteria.get("jbr", batches)
+    x = torch.cat([b[0] for b in batches])
     with torch.no_grad():
         cls = tiny(x).argmax(1)
-    group = next(g for g in _groups(tiny) if any(dep.target.module is tiny.bn0 for dep, _ in g))
-    per_sample = imp.row_derivatives(group).double()  # (samples, channels)
-    c, t = 2, 1e-6
-
-    def objective(scale):
-        net = TinyResNet().double().eval()
-        net.load_state_dict(tiny.state_dict())
-        with torch.no_grad():
-            for bn in (net.bn0, net.abn2):  # the coupled BNs: scaling γ_c and β_c scales the channel's output
-                bn.weight[c] *= scale
-                bn.bias[c] *= scale
-            return net(x).gather(1, cls[:, None])[:, 0]
-
-    finite_difference = (objective(1 - t) - objective(1 + t)) / (2 * t)
-    torch.testing.assert_close(finite_difference, -per_sample[:, c], atol=1e-6, rtol=1e-5)
-    assert imp(group)[c].item() == pytest.approx(float((per_sample[:, c] ** 2).mean()), rel=1e-5)
-
-
-def test_jbr_batch_is_squared_batch_gradient_of_confident_cross_entropy(tiny, batches):
+    group = next(g for g in groups_of(tiny) if gated_names(tiny, g) == coupling)
+    scores = imp(group)
+    per_sample = imp.group_derivatives(group)  # (samples, channels)
+    c, t = int(per_sample.abs().sum(0).argmax()), 1e-5  # a live channel (ReLUs kill some in this tiny net)
+    slope = (scaled_objective(tiny, x, cls, coupling, c, 1 - t) - scaled_objective(tiny, x, cls, coupling, c, 1 + t)) / (2 * t)
+    assert slope.abs().max() > 1e-3
+    torch.testing.assert_close(slope, -per_sample[:, c], atol=1e-6, rtol=1e-6)
+    assert scores[c].item() == pytest.approx(float((slope ** 2).mean()), rel=1e-5)
+    # scaling to 0 is the real removal: torch-pruning's pruned copy computes the same outputs
+    pruned = copy.deepcopy(tiny)
+    root = next(g for g in groups_of(pruned) if gated_names(pruned, g) == coupling)[0].dep
+    graph_of(pruned).get_pruning_group(root.target.module, root.handler, idxs=[c]).prune()
     with torch.no_grad():
-        threshold = float(tiny(torch.cat(batches)).softmax(1).max(1).values.median())
-    imp = criteria.get("jbr-batch", confidence=threshold)
-    imp.prepare(tiny, batches)
-    expected = []
-    for x in batches:
-        with torch.no_grad():
-            probs = tiny(x).softmax(1)
-        conf, pseudo = probs.max(1)
+        removed = pruned(x).gather(1, cls[:, None])[:, 0]
+    torch.testing.assert_close(removed, scaled_objective(tiny, x, cls, coupling, c, 0.0), atol=1e-12, rtol=1e-12)
+
+
+def test_jbr_batch_is_the_squared_batch_gradient_of_confident_cross_entropy(tiny, batches):
+    xs = [b[0] for b in batches]
+    with torch.no_grad():
+        probs = [tiny(x).softmax(1) for x in xs]
+    threshold = float(torch.cat(probs).max(1).values.median())
+    imp = criteria.get("jbr-batch", batches, confidence=threshold)
+
+    def objective(out, i):
+        conf, pseudo = probs[i].max(1)
         keep = conf > threshold
-        assert 0 < keep.sum() < len(x)  # the mask matters for this check
-        loss = F.cross_entropy(tiny(x)[keep], pseudo[keep])
-        grads = torch.autograd.grad(loss, [tiny.bbn1.weight, tiny.bbn1.bias])
-        expected.append(tiny.bbn1.weight * grads[0] + tiny.bbn1.bias * grads[1])
-    torch.testing.assert_close(imp._derivs["bbn1"].double(), torch.stack(expected).detach(), atol=1e-7, rtol=1e-5)
+        return F.cross_entropy(out[keep], pseudo[keep]) if keep.any() else out.sum() * 0
+
+    kept = torch.cat(probs).max(1).values > threshold
+    assert 0 < int(kept.sum()) < len(kept)  # the mask matters for this check
+    rows = brute_force_rows(tiny, xs, objective)  # one row per batch
+    imp.prepare(tiny)
+    for name, expected in rows.items():
+        torch.testing.assert_close(imp.derivatives[:, imp.columns[name]].double(), expected, atol=1e-7, rtol=1e-6)
+    for group in groups_of(tiny):
+        expected = (sum(rows[n] for n in gated_names(tiny, group)) ** 2).sum(0)
+        torch.testing.assert_close(imp(group).double(), expected, rtol=1e-5, atol=1e-12)
 
 
-def test_scores_before_prepare_and_jacobian_without_labels_are_user_errors(tiny, batches):
-    with pytest.raises(CompressError, match="criteria.prepare"):
-        criteria.get("jbr")(_groups(tiny)[0])
+def test_gradient_baselines_match_their_definitions(tiny, batches):
+    x = torch.cat([b[0] for b in batches])
+    params = dict(tiny.named_parameters())
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    for xi in x:  # torch-pruning's documented per-sample usage, accumulated correctly
+        out = tiny(xi[None])
+        for (n, p), g in zip(params.items(), torch.autograd.grad(F.cross_entropy(out, out.argmax(1)), list(params.values()))):
+            fisher[n] += g * g / len(x)
+    for vectorize in (True, False):
+        hessian = HessianImportance(batches, vectorize=vectorize)
+        hessian.prepare(tiny)
+        for n, p in params.items():
+            torch.testing.assert_close(p.grad, fisher[n], atol=1e-12, rtol=1e-8)
+    taylor = TaylorImportance(batches)
+    taylor.prepare(tiny)
+    for n, p in params.items():
+        expected = sum(torch.autograd.grad(F.cross_entropy(out, out.argmax(1)), p)[0]
+                       for out in (tiny(b[0]) for b in batches))
+        torch.testing.assert_close(p.grad, expected, atol=1e-12, rtol=1e-8)
+
+
+def test_cache_is_reused_until_the_structure_changes_and_dense_targets_stay_frozen(tiny, batches):
+    imp = criteria.get("jbr", batches)
+    pruner = tp.pruner.BasePruner(tiny, torch.zeros(1, *X_SHAPE, dtype=torch.float64), importance=imp,
+                                  pruning_ratio=0.3, ignored_layers=[tiny.head], global_pruning=True, iterative_steps=2)
+    group = groups_of(tiny)[0]
+    imp(group)
+    first, targets = imp.derivatives, imp.dense_targets
+    imp(group), criteria.prepare(imp, copy.deepcopy(tiny))  # same structure, even a copy: no new pass
+    assert imp.derivatives is first
+    pruner.step()  # no prepare needed: the pruner's groups lead to the model, whose structure changed
+    imp(groups_of(tiny)[0])
+    assert imp.derivatives is not first and imp.dense_targets is targets
+    assert imp.derivatives.shape[1] == sum(dict(tiny.named_modules())[n].weight.shape[0] for n in GATED)
+    with pytest.raises(CompressError, match="same calibration data"):
+        imp.prepare(copy.deepcopy(tiny), list(reversed(batches)))
+
+
+def test_user_errors(tiny, batches):
+    with pytest.raises(CompressError, match="no calibration data"):
+        criteria.get("jbr")(groups_of(tiny)[0])
     with pytest.raises(CompressError, match="labelled"):
-        criteria.get("jacobian").prepare(tiny, batches)
+        criteria.prepare(criteria.get("jacobian"), tiny, [x for x, _ in batches])
     with pytest.raises(CompressError, match="nothing to score"):
-        criteria.get("jbr-batch").prepare(tiny, batches)  # an untrained net is never 90% confident
-    with pytest.raises(CompressError, match="unknown criterion"):
+        criteria.prepare(criteria.get("jbr-batch"), tiny, batches)  # an untrained net is never 90% confident
+    with pytest.raises(CompressError, match="target"):
+        JBRImportance(batches, target="logits")
+    with pytest.raises(CompressError, match="unknown criterion 'nope'.*jbr, .*random"):
         criteria.get("nope")
-
-
-def test_cache_is_reused_until_the_structure_changes(tiny, batches):
-    imp = criteria.get("jbr")
-    imp.prepare(tiny, batches)
-    first = imp._derivs
-    imp.prepare(tiny, batches)
-    assert imp._derivs is first
-    pruner = tp.pruner.BasePruner(tiny, torch.zeros(1, 2, 6, 6, dtype=torch.float64), importance=imp,
-                                  pruning_ratio=0.3, ignored_layers=[tiny.head], global_pruning=True)
-    pruner.step()
-    imp.prepare(tiny, batches)
-    assert imp._derivs is not first and imp._derivs["b2"].shape[1] == tiny.b2.out_channels
 
 
 @pytest.mark.parametrize("name", criteria.names())
 def test_every_criterion_runs_through_the_pruner(name):
     torch.manual_seed(0)
-    model = resolve("small_resnet").eval()
+    model = SmallResNet().eval()
     with torch.no_grad():  # default BN init (γ = 1) ties every 'bn' score
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
-    data = [(x, y) for x, y in torch.utils.data.DataLoader(synthetic(32), batch_size=16)]
-    imp = criteria.get(name, **({"confidence": 0.0} if name == "jbr-batch" else {}))  # random net: never confident
+    data = list(torch.utils.data.DataLoader(synthetic(16), batch_size=8))
+    imp = criteria.get(name, data, **({"confidence": 0.0} if name == "jbr-batch" else {}))  # random net: unsure
+    assert isinstance(imp, tp.importance.Importance)
     before = sum(p.numel() for p in model.parameters())
     pruner = tp.pruner.BasePruner(model, torch.zeros(1, 1, 28, 28), importance=imp, global_pruning=True,
                                   iterative_steps=2, pruning_ratio=0.3, ignored_layers=[model.fc])
     for _ in range(2):
-        criteria.prepare(imp, model, data)
+        criteria.prepare(imp, model)  # the uniform hook: a no-op for magnitude criteria, cached for the rest
         pruner.step()
-    assert sum(p.numel() for p in model.parameters()) < 0.9 * before
-    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * before
 
 
-def test_macs_saved_equals_the_conv_and_linear_macs_a_removal_removes(tiny, batches):
-    """jbr-mac's denominator: removing one channel of a group really saves that many Conv/Linear MACs."""
-    import copy
-
+def test_jbr_mac_divides_by_the_macs_a_removal_really_saves(tiny, batches):
     from compress.plan import layer_macs
 
-    imp = criteria.get("jbr-mac")
-    imp.prepare(tiny, batches)
-    x = torch.zeros(1, 2, 6, 6, dtype=torch.float64)
+    x = torch.zeros(1, *X_SHAPE, dtype=torch.float64)
+    imp, plain = criteria.get("jbr-mac", batches), criteria.get("jbr", batches)
     before = sum(layer_macs(tiny, x).values())
-    for k, group in enumerate(_groups(tiny)):
-        saved = imp.macs_saved(group)
-        net = copy.deepcopy(tiny)
-        graph = tp.DependencyGraph().build_dependency(net, example_inputs=x)
-        root = graph.get_pruning_group(dict(net.named_modules())[{id(m): n for n, m in tiny.named_modules()}[
-            id(group[0].dep.target.module)]], group[0].dep.handler.__self__.prune_out_channels, idxs=[1])
-        root.prune()
-        assert saved[1].item() == pytest.approx(before - sum(layer_macs(net, x).values()))
-        scores = imp(group)
-        plain = criteria.get("jbr")
-        plain.prepare(tiny, batches)
+    for group in groups_of(tiny):
+        scores, saved = imp(group), imp.macs_saved(group)
+        pruned = copy.deepcopy(tiny)
+        root = next(g for g in groups_of(pruned) if gated_names(pruned, g) == gated_names(tiny, group))[0].dep
+        graph_of(pruned).get_pruning_group(root.target.module, root.handler, idxs=[1]).prune()
+        assert saved[1].item() == pytest.approx(before - sum(layer_macs(pruned, x).values()))
         torch.testing.assert_close(scores.double(), (plain(group).double() / saved).float().double())
+
+
+@pytest.mark.parametrize("pruner", ["BasePruner", "MetaPruner", "MagnitudePruner", "GroupNormPruner", "BNScalePruner",
+                                    "GrowingRegPruner"])
+@pytest.mark.parametrize("global_pruning", [True, False])
+def test_jbr_needs_no_hook_inside_any_torch_pruning_pruner(tiny, batches, pruner, global_pruning):
+    imp = criteria.get("jbr", batches)
+    net = getattr(tp.pruner, pruner)(tiny, torch.zeros(1, *X_SHAPE, dtype=torch.float64), importance=imp,
+                                     global_pruning=global_pruning, iterative_steps=2, pruning_ratio=0.3,
+                                     ignored_layers=[tiny.head])
+    widths = []
+    for _ in range(2):
+        net.step()
+        widths.append(imp.derivatives.shape[1])  # the pass of this step: before its pruning
+        assert tiny(batches[0][0]).shape == (5, 3)
+    assert widths[1] < widths[0] and sum(p.numel() for p in tiny.parameters()) < 0.9 * sum(
+        p.numel() for p in TinyResNet().parameters())
