@@ -113,7 +113,7 @@ def _plot(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path, dense
     stages = [s for s in STAGES if any(f"top1_{s}" in r for r in rows)]
     fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4.5), sharey=True)
     for ax, stage in zip([axes] if len(stages) == 1 else axes, stages):
-        for name in args.criteria:
+        for i, name in enumerate(args.criteria):
             points = []
             for target in args.targets:
                 good = [r for r in rows if r["criterion"] == name and r["target"] == target and f"top1_{stage}" in r]
@@ -122,7 +122,8 @@ def _plot(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path, dense
                     points.append((mean_std([r["macs_ratio"] for r in good])[0], m, s))
             if points:
                 xs, ys, es = zip(*sorted(points))
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name, color=plt.cm.tab20(i % 20),
+                            ls="-" if name.startswith(("jbr", "jacobian")) else "--")
         ax.axhline(100 * dense_top1, color="k", ls="--", lw=0.8, label="dense")
         ax.set(title=f"top-1 after: {stage}", xlabel="MACs kept (fraction of dense)", ylabel="top-1 %")
     (axes if len(stages) > 1 else [axes])[0].legend(fontsize=7)
