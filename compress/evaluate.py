@@ -48,17 +48,17 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Iterable[Any], progress: bool = True) -> Accuracy:
     """Top-1 of ``model`` on ``(input, label)`` batches."""
-    was_training = model.training
-    model.eval()
+    from criteria.tpv import eval_mode
+
     correct = total = 0
-    for batch in tqdm(data, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        labels = labels_of(batch)
-        if labels is None:
-            raise CompressError("accuracy needs (input, label) batches", "pass labelled data, or use agreement()")
-        pred = predict(model, inputs_of(batch)).argmax(1).cpu()
-        correct += int((pred == labels).sum())
-        total += len(labels)
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in tqdm(data, desc="evaluate", unit="batch", disable=not progress, leave=False):
+            labels = labels_of(batch)
+            if labels is None:
+                raise CompressError("accuracy needs (input, label) batches", "pass labelled data, or use agreement()")
+            pred = predict(model, inputs_of(batch)).argmax(1).cpu()
+            correct += int((pred == labels).sum())
+            total += len(labels)
     return Accuracy(correct / max(total, 1), correct, total)
 
 

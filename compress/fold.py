@@ -15,7 +15,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from .errors import CompressError
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -34,7 +34,7 @@ def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
-        if node.op == "call_module" and isinstance(modules.get(node.target), _NORMS):
+        if node.op == "call_module" and isinstance(modules.get(node.target), BATCHNORMS):
             src = node.args[0]
             if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
                     and isinstance(modules.get(src.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))):

@@ -119,21 +119,19 @@ class BitPlan:
 
 def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
     """MACs per Conv2d/Linear layer for one sample: output elements × (Cin/groups · kh · kw) or in_features."""
+    from criteria.tpv import eval_mode, weight_layers
+
     macs: dict[str, int] = {}
     hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            def hook(mod, inp, out, name=name):
-                per_output = (mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-                              if isinstance(mod, nn.Conv2d) else mod.in_features)
-                macs[name] = int(out[:1].numel() * per_output)
-            hooks.append(m.register_forward_hook(hook))
+    for name, m in weight_layers(model).items():
+        def hook(mod, inp, out, name=name):
+            per_output = (mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+                          if isinstance(mod, nn.Conv2d) else mod.in_features)
+            macs[name] = int(out[:1].numel() * per_output)
+        hooks.append(m.register_forward_hook(hook))
     try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             model(example_inputs[:1])
-            model.train(was)
     finally:
         for h in hooks:
             h.remove()

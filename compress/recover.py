@@ -18,14 +18,14 @@ from tqdm.auto import tqdm
 
 from .data import inputs_of, labels_of
 from .errors import CompressError
+from .fold import BATCHNORMS
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: Iterable[Any], progress: bool = True) -> nn.Module:
     """Reset every BatchNorm's running statistics and re-estimate them on ``data`` (cumulative average)."""
-    norms = [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
+    norms = [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
     if not norms:
         return model
     device = next(model.parameters()).device
