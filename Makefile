@@ -27,7 +27,7 @@ data:
 	fi
 
 demo: venv data
-	$(PY) -m compress evaluate --model small_resnet --weights train
+	$(PY) -m compress.recipe fmnist_jbr --out runs/fmnist_jbr --overwrite
 
 test: venv data
 	$(PY) -m pytest -q
