@@ -3,8 +3,8 @@
 Each step builds a torch-pruning pruner on the current model, scores every prunable group with the criterion
 (re-scored between steps; JBR's pseudo-labels m(x) stay frozen from the dense model) and removes the globally
 least important channels. The per-step MACs targets follow a geometric schedule from 1 to the target; the
-channel ratio of a step is found by bisection so the final MACs (or params) land within ``tolerance`` below
-the target. The input model is not modified: ``PruneResult.model`` is a pruned copy.
+channel ratio of a step is found by bisection so the final MACs (or params) land within ``tolerance`` of the
+target: below it when a trial lands there, else the closest trial above it (channel groups are indivisible). The input model is not modified: ``PruneResult.model`` is a pruned copy.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
           global_pruning: bool = True, calibration_samples: int = 512, batch_size: int = 64, seed: int = 0,
           criterion_options: dict[str, Any] | None = None, max_bisections: int = 20,
           progress: bool = True) -> PruneResult:
-    """Prune a copy of ``model`` with ``criterion`` until ``target`` is met (within ``tolerance`` below it).
+    """Prune a copy of ``model`` with ``criterion`` until ``target`` is met (within ``tolerance`` of it, below when possible).
 
     ``data``: calibration inputs (any iterable of batches or a dataset; labels ignored unless the criterion
     needs them, e.g. ``jacobian``). ``max_layer_ratio`` caps how much of any one layer a step may remove.
@@ -182,11 +182,13 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
         # first trial in [goal - tolerance, goal]; otherwise keep the closest trial at or below the goal.
         lo, hi = 0.0, 1.0
         guess = min(0.9, max(1e-3, 1.0 - (goal / current) ** 0.5))  # MACs ~ (kept channel fraction)^2
-        best = None
+        best = above = None
         for _ in range(max_bisections):
             trial, value, entries = prune_step(copy.deepcopy(model), guess)
             if value <= goal + 1e-12 and (best is None or value > best[1]):
                 best = (trial, value, entries, guess)
+            elif value > goal + 1e-12 and value < current - 1e-12 and (above is None or value < above[1]):
+                above = (trial, value, entries, guess)
             if value > goal + 1e-12:
                 lo = guess  # removed too little
             elif value < goal - tolerance:
@@ -196,6 +198,10 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
             if hi - lo < 1e-6:
                 break
             guess = (lo + hi) / 2
+        # Channel groups are indivisible: when one group's removal jumps across the whole window below the goal,
+        # the closest trial above the goal is taken if it lies within the tolerance (the target is met within ±tol).
+        if above is not None and above[1] <= goal + tolerance and (best is None or best[1] < goal - tolerance):
+            best = above
         if best is None:
             raise CompressError(f"no channel ratio brings {target.metric} to {goal:.3f} (every layer is capped at "
                                 f"max_layer_ratio={max_layer_ratio} or ignored)",
@@ -206,7 +212,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
         bar.update()
         bar.set_postfix({target.metric: f"{current:.3f}"}, refresh=False)
     bar.close()
-    if current < target.fraction - tolerance:
+    if abs(current - target.fraction) > tolerance:
         raise CompressError(f"pruning reached {target.metric}={current:.3f}: removing one more channel group jumps "
                             f"past the target {target.fraction} by more than {tolerance}",
                             "raise the tolerance, lower round_to, or use more steps")
