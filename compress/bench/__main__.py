@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import CompressError
 
-BENCHMARKS = {"criteria": "criteria_speed", "pruning": "pruning", "quant": "quant"}
+BENCHMARKS = {"criteria": "criteria_speed", "pruning": "pruning", "quant": "quant", "deploy": "deploy"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,8 @@ class QuantizeSection:
 @dataclass(frozen=True)
 class ExportSection:
     opset: int = 21
-    int8_activations: bool = False  # also write model_int8.onnx: static int8 QDQ honouring the bit plan
+    int8_activations: bool = False  # also write model_int8.onnx: static int8 QDQ (activations and weights)
+    qdq_weights: str = "int8"  # model_int8.onnx weights: int8 everywhere (fast in onnxruntime CPU) or "plan"
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,9 @@ def _validate(recipe: Recipe) -> None:
     p, q, d, c = recipe.prune, recipe.quantize, recipe.data, recipe.check
     if recipe.device not in ("cpu", "cuda") and not recipe.device.startswith("cuda:"):
         raise CompressError(f"device = {recipe.device!r} is unknown", "use cpu or cuda")
+    if recipe.export.qdq_weights not in ("int8", "plan"):
+        raise CompressError(f"export.qdq_weights = {recipe.export.qdq_weights!r} is unknown",
+                            "use int8 (fast on CPU) or plan (the bit plan's 4/8 bits)")
     if d.source not in ("fashion-mnist", "imagenet", "synthetic"):
         raise CompressError(f"data.source = {d.source!r} is unknown", "use fashion-mnist, imagenet or synthetic")
     if p.enabled and (p.target_macs is None) == (p.target_params is None):

@@ -300,6 +300,7 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
     meta = {"recipe": recipe.name, "criterion": p.criterion if p.enabled else "none",
             "target": f"{prune_record.get('target')}={prune_record.get('fraction')}" if p.enabled else "none",
             "timing_only": timing_only}
+    int8_source = quantized if recipe.export.qdq_weights == "plan" else model
     with stage("export"):
         exports = {}
         dense_onnx = work / ".dense_fp32.onnx"  # for the latency baseline only; deleted after the check
@@ -312,7 +313,7 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
         else:
             exports["final"] = export_onnx(model, example, work / "model.onnx", opset=recipe.export.opset, metadata=meta)
         if recipe.export.int8_activations:
-            exports["int8"] = export_onnx(quantized, example, work / "model_int8.onnx", opset=recipe.export.opset,
+            exports["int8"] = export_onnx(int8_source, example, work / "model_int8.onnx", opset=recipe.export.opset,
                                           activations="int8", metadata=meta,
                                           calibration_data=calibration(data.calibration, min(512, recipe.data.calibration_samples),
                                                                        recipe.data.batch_size, recipe.seed + 2))
@@ -339,7 +340,7 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
                                   threads=c.threads, parity_rtol=c.parity_rtol, min_agreement=c.min_agreement,
                                   min_dense_agreement=c.min_dense_agreement, latency_runs=c.latency_runs)
         if recipe.export.int8_activations:
-            checks["int8"] = check(work / "model_int8.onnx", reference=quantized, data=check_data, dense=dense,
+            checks["int8"] = check(work / "model_int8.onnx", reference=int8_source, data=check_data, dense=dense,
                                    threads=c.threads, parity_rtol=None, min_agreement=0.0, latency_runs=c.latency_runs)
     dense_onnx.unlink()
     final = checks[final_key]
