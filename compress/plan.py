@@ -29,26 +29,31 @@ class Budget:
 
     ``avg_bits`` averages over the weights the plan may choose for (layers fixed in float, e.g. ones torchao
     cannot quantize, are excluded and reported); bytes count packed weights plus one scale per block
-    (``scale_bytes`` each) over all Conv2d/Linear weights; BOPs = Σ_l MACs_l · b_l · ``activation_bits``.
+    (``scale_bytes`` each) over all Conv2d/Linear weights; BOPs = Σ_l MACs_l · b_l · ``activation_bits``;
+    ``latency`` (ms) = Σ_l t_l(b_l) from a per-layer onnxruntime table of the int8 QDQ file
+    (:mod:`compress.layer_latency`, ``batch_size`` inputs, ``threads`` threads).
     """
 
     avg_bits: float | None = None
     bytes: float | None = None
     bops: float | None = None
+    latency: float | None = None  # ms of the int8 QDQ file, from a per-layer table (compress.layer_latency)
     activation_bits: int = 8
     scale_bytes: int = 2
+    batch_size: int = 1  # latency: batch size and onnxruntime threads of the measurement
+    threads: int = 2
 
     def __post_init__(self) -> None:
-        given = [k for k in ("avg_bits", "bytes", "bops") if getattr(self, k) is not None]
+        given = [k for k in ("avg_bits", "bytes", "bops", "latency") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise CompressError(f"a Budget needs exactly one of avg_bits=, bytes=, bops=, got {given or 'none'}",
+            raise CompressError(f"a Budget needs exactly one of avg_bits=, bytes=, bops=, latency=, got {given or 'none'}",
                                 "e.g. Budget(avg_bits=5)")
         if getattr(self, given[0]) <= 0:
             raise CompressError(f"Budget({given[0]}={getattr(self, given[0])}) must be positive", "e.g. Budget(avg_bits=5)")
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("avg_bits", "bytes", "bops") if getattr(self, k) is not None)
+        return next(k for k in ("avg_bits", "bytes", "bops", "latency") if getattr(self, k) is not None)
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,12 @@ class BitPlan:
     group_size: int | None
     mapping: str
     predictor: str
+    latency_table: Any = None  # the LatencyTable of a latency budget
+
+    @property
+    def predicted_latency_ms(self) -> float | None:
+        """Σ_l t_l(b_l) from the latency table (int8 QDQ file), when the plan was made under a latency budget."""
+        return None if self.latency_table is None else self.latency_table.total(self.bits)
 
     @property
     def bits(self) -> dict[str, int]:
@@ -108,6 +119,7 @@ class BitPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"allocator": self.allocator, "budget": asdict(self.budget), "group_size": self.group_size,
                 "mapping": self.mapping, "predictor": self.predictor, "predicted_tpv": self.predicted_tpv,
+                "predicted_latency_ms": self.predicted_latency_ms,
                 "size_bytes": self.size_bytes, "avg_bits": self.avg_bits, "avg_bits_all": self.avg_bits_all,
                 "layers": {n: {"bits": l.bits, "numel": l.numel, "macs": l.macs, "predicted_tpv": l.predicted_tpv,
                                "size_bytes": l.size_bytes, "note": l.note} for n, l in self.layers.items()}}
@@ -149,12 +161,13 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
               example_inputs: torch.Tensor | None = None, candidates: Sequence[int] = (4, 8, FLOAT),
               group_size: int | None = None, mapping: str = "symmetric", allocator: Allocator = "tpv",
               predictor: Literal["noise", "error"] = "noise", calibration_samples: int = 256, batch_size: int = 64,
-              probes: int = 4, keep_float: Sequence[str] = (), seed: int = 0) -> BitPlan:
+              probes: int = 4, keep_float: Sequence[str] = (), seed: int = 0, latency_table: Any = None) -> BitPlan:
     """Allocate bits per Conv2d/Linear layer under ``budget`` (exact knapsack on the allocator's scores).
 
     ``candidates``: bit-widths 1..8 plus 16 for "keep in float". Layers torchao cannot quantize (a conv with one
     input channel, depthwise convs, a group size that does not divide Cin) and ``keep_float`` names are fixed at
-    float and reported in ``BitPlan.kept_float``.
+    float and reported in ``BitPlan.kept_float``. ``Budget(latency=ms)`` uses ``latency_table`` (a
+    :class:`compress.layer_latency.LatencyTable`) or measures one on this machine.
     """
     from criteria.qnoise import QuantSpec, hawq_traces, hawq_v2, predicted_tpv, quantization_problems
     from criteria.tpv import hutchinson_diag, weight_layers
@@ -200,6 +213,21 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
                     score[p[: -len(".weight")]][b] = v
     options = {n: ([FLOAT] if n in notes else sorted(set(quant_bits) | ({FLOAT} & set(candidates)))) for n in layers}
     weights = {n: m.weight for n, m in layers.items()}
+    if budget.kind == "latency":
+        from .layer_latency import layer_latency_table
+
+        if latency_table is None:
+            latency_table = layer_latency_table(model, example_inputs, sorted({*quant_bits, FLOAT}),
+                                                batch_size=budget.batch_size, threads=budget.threads)
+        missing = [n for n in layers if FLOAT not in latency_table.ms.get(n, {})]
+        if missing:
+            raise CompressError(f"the latency table has no float entry for layers {missing[:5]}",
+                                "measure the table on this model (compress.layer_latency.layer_latency_table)")
+        for n in layers:
+            timed = [b for b in options[n] if b in latency_table.ms[n]]
+            if len(timed) < len(options[n]):
+                notes.setdefault(n, latency_table.notes.get(n, "no latency measured at the candidate bits"))
+            options[n] = timed or [FLOAT]
 
     def cost(name: str, bits: int) -> float:
         w = weights[name]
@@ -207,10 +235,12 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
             return 0.0 if name in notes else float(w.numel() * bits)
         if budget.kind == "bytes":
             return _size_bytes(w, bits, group_size, budget.scale_bytes)
+        if budget.kind == "latency":
+            return latency_table.ms[name][bits]
         return float(macs.get(name, 0) * bits * budget.activation_bits)
 
     limit = {"avg_bits": (budget.avg_bits or 0) * sum(w.numel() for n, w in weights.items() if n not in notes),
-             "bytes": budget.bytes, "bops": budget.bops}[budget.kind]
+             "bytes": budget.bytes, "bops": budget.bops, "latency": budget.latency}[budget.kind]
     names = list(layers)
     if allocator in ("tpv", "hawq"):
         pick = solve_mckp([[cost(n, b) for b in options[n]] for n in names],
@@ -239,4 +269,5 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
         b = chosen[n]
         result[n] = LayerBits(n, b, weights[n].numel(), macs.get(n, 0), tpv[n][b],
                               _size_bytes(weights[n], b, group_size, budget.scale_bytes), dict(tpv[n]), notes.get(n, ""))
-    return BitPlan(result, allocator, budget, group_size, mapping, predictor)
+    return BitPlan(result, allocator, budget, group_size, mapping, predictor,
+                   latency_table if budget.kind == "latency" else None)

@@ -25,27 +25,40 @@ from .models import attach_spec, identify, pruning_round_to, sync_after_pruning
 
 @dataclass(frozen=True)
 class Target:
-    """What to keep, as a fraction of the dense model: ``macs=0.5`` keeps half the multiply-accumulates."""
+    """What to keep, as a fraction of the dense model: ``macs=0.5`` keeps half the multiply-accumulates.
+
+    ``latency=0.5`` keeps half the dense model's onnxruntime CPU latency measured on this machine (fp32 export,
+    ``batch_size`` inputs, ``threads`` intra-op threads, median of ``runs``); being a noisy measurement, it is met
+    within ``latency_tolerance`` rather than prune's MACs tolerance.
+    """
 
     macs: float | None = None
     params: float | None = None
+    latency: float | None = None
+    batch_size: int = 1
+    threads: int = 2
+    runs: int = 20
+    latency_tolerance: float = 0.05
 
     def __post_init__(self) -> None:
-        given = {k: v for k, v in (("macs", self.macs), ("params", self.params)) if v is not None}
+        given = {k: v for k, v in (("macs", self.macs), ("params", self.params), ("latency", self.latency)) if v is not None}
         if len(given) != 1:
-            raise CompressError(f"a Target needs exactly one of macs= or params=, got {sorted(given) or 'none'}",
+            raise CompressError(f"a Target needs exactly one of macs=, params=, latency=, got {sorted(given) or 'none'}",
                                 "e.g. Target(macs=0.5)")
         (name, value), = given.items()
         if not 0.0 < value <= 1.0:
             raise CompressError(f"Target({name}={value}) is not a fraction in (0, 1]", f"e.g. Target({name}=0.5)")
+        if min(self.batch_size, self.threads, self.runs) < 1 or self.latency_tolerance <= 0:
+            raise CompressError("Target's batch_size, threads and runs must be >= 1 and latency_tolerance > 0",
+                                "e.g. Target(latency=0.5, batch_size=1, threads=2)")
 
     @property
     def metric(self) -> str:
-        return "macs" if self.macs is not None else "params"
+        return next(k for k in ("macs", "params", "latency") if getattr(self, k) is not None)
 
     @property
     def fraction(self) -> float:
-        return float(self.macs if self.macs is not None else self.params)
+        return float(getattr(self, self.metric))
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,15 @@ class PruneResult:
     steps: int
     seconds: float
     step_log: list[dict[str, float]] = field(default_factory=list)
+    latency_before_ms: float | None = None  # Target(latency=...): measured dense / pruned latency, and how
+    latency_after_ms: float | None = None
+    latency_log: list[dict[str, float]] = field(default_factory=list)  # one entry per MACs round of the search
+
+    @property
+    def latency_ratio(self) -> float | None:
+        if self.latency_before_ms is None or self.latency_after_ms is None:
+            return None
+        return self.latency_after_ms / self.latency_before_ms
 
     @property
     def macs_ratio(self) -> float:
@@ -81,9 +103,12 @@ class PruneResult:
         return self.params_after / self.params_before
 
     def summary(self) -> str:
+        latency = "" if self.latency_ratio is None else (
+            f", latency {self.latency_before_ms:.2f} -> {self.latency_after_ms:.2f} ms ({self.latency_ratio:.3f}, "
+            f"onnxruntime batch {self.target.batch_size}, {self.target.threads} threads)")
         return (f"{self.criterion}: MACs {self.macs_before / 1e6:.1f}M -> {self.macs_after / 1e6:.1f}M "
                 f"({self.macs_ratio:.3f}), params {self.params_before / 1e3:.1f}k -> {self.params_after / 1e3:.1f}k "
-                f"({self.params_ratio:.3f}) in {self.steps} steps, {self.seconds:.1f} s")
+                f"({self.params_ratio:.3f}){latency} in {self.steps} steps, {self.seconds:.1f} s")
 
 
 def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
@@ -139,6 +164,12 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
 
     import criteria
 
+    if target.metric == "latency":
+        return _prune_to_latency(model, data, criterion, target, example_inputs=example_inputs, steps=steps,
+                                 tolerance=tolerance, round_to=round_to, ignored_layers=ignored_layers,
+                                 max_layer_ratio=max_layer_ratio, global_pruning=global_pruning,
+                                 calibration_samples=calibration_samples, batch_size=batch_size, seed=seed,
+                                 criterion_options=criterion_options, max_bisections=max_bisections, progress=progress)
     start = time.perf_counter()
     dense = model
     model = copy.deepcopy(model).eval()
@@ -225,3 +256,50 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
     return PruneResult(model, history, criterion, target, before[0], after[0], before[1], after[1], layers,
                        steps, time.perf_counter() - start, step_log)
 
+
+
+LATENCY_ROUNDS = 4  # MACs fractions tried by the latency search
+
+
+def _prune_to_latency(model: nn.Module, data: Iterable[Any], criterion: str, target: Target, *,
+                      example_inputs: torch.Tensor | None, **options: Any) -> PruneResult:
+    """Prune to a measured latency fraction: latency is not a function torch-pruning can bisect cheaply (an export
+    and ~20 timed runs per trial, and noisy), so this searches on the MACs fraction m instead. Start from
+    m = target; after pruning the dense model to m and measuring the latency ratio ρ(m), correct
+    m ← m · target / ρ(m) (latency ∝ MACs locally), at most ``LATENCY_ROUNDS`` times. The pruned model whose ρ is
+    within ``target.latency_tolerance`` of the target (else the closest one at or below it) is returned."""
+    from .latency import onnx_latency_ms
+
+    start = time.perf_counter()
+    spec = identify(model)
+    if example_inputs is None:
+        if spec is None:
+            raise CompressError("cannot infer the input shape of this model", "pass example_inputs=torch.zeros(1, C, H, W)")
+        example_inputs = spec.example_input()
+
+    def measure(net: nn.Module) -> float:
+        return onnx_latency_ms(net, example_inputs, batch_size=target.batch_size, runs=target.runs, threads=target.threads)
+
+    dense_ms = measure(model)
+    goal, tol = target.fraction, target.latency_tolerance
+    macs, log, best = goal, [], None
+    for _ in range(LATENCY_ROUNDS):
+        result = prune(model, data, criterion, Target(macs=macs), example_inputs=example_inputs, **options)
+        ratio = measure(result.model) / dense_ms
+        log.append({"macs_goal": macs, "macs_ratio": result.macs_ratio, "latency_ratio": ratio})
+        if ratio <= goal + tol and (best is None or abs(ratio - goal) < abs(best[1] - goal)):
+            best = (result, ratio)
+        if abs(ratio - goal) <= tol:
+            break
+        new_macs = min(1.0, max(0.02, macs * goal / ratio))
+        if abs(new_macs - macs) < 1e-3:
+            break
+        macs = new_macs
+    if best is None:
+        closest = min(log, key=lambda e: e["latency_ratio"])
+        raise CompressError(f"latency did not drop to {goal} of dense ({dense_ms:.3f} ms): best {closest['latency_ratio']:.3f} "
+                            f"at MACs {closest['macs_ratio']:.3f}; at this batch size the model is overhead-bound",
+                            "ask for a larger latency fraction or batch_size, round_to=8 for fast widths, or a MACs target")
+    result, ratio = best
+    return replace(result, target=target, latency_before_ms=dense_ms, latency_after_ms=ratio * dense_ms,
+                   latency_log=log, seconds=time.perf_counter() - start)

@@ -105,7 +105,7 @@ def open_session(path: str | Path, threads: int = 2) -> tuple[Any, bool]:
     return session, disable_qdq
 
 
-def _input_spec(session: Any) -> tuple[str, tuple[int | None, ...]]:
+def input_spec(session: Any) -> tuple[str, tuple[int | None, ...]]:
     meta = session.get_inputs()[0]
     return meta.name, tuple(d if isinstance(d, int) else None for d in meta.shape)
 
@@ -131,7 +131,8 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return predict(model, x).float().cpu()
 
 
-def _latency_ms(session: Any, name: str, shape: tuple[int | None, ...], batch_size: int, runs: int) -> float:
+def session_latency_ms(session: Any, name: str, shape: tuple[int | None, ...], batch_size: int, runs: int) -> float:
+    """Median milliseconds of ``runs`` runs of ``session`` on one random batch, after warm-up."""
     x = np.random.default_rng(0).standard_normal((batch_size, *shape[1:])).astype(np.float32)
     for _ in range(WARMUP_RUNS):
         session.run(None, {name: x})
@@ -166,7 +167,7 @@ def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Itera
     proto = _read_model(path)
     metadata = {p.key: p.value for p in proto.metadata_props}
     session, qdq_disabled = open_session(path, threads)
-    name, shape = _input_spec(session)
+    name, shape = input_spec(session)
     batches = _random_batches(shape) if data is None else data
     models = [m for m in (reference, dense) if m is not None]
     modes = [m.training for m in models]
@@ -217,7 +218,7 @@ def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Itera
         report.dense_agreement, report.dense_kl = dense_same / total, kl / total
         if min_dense_agreement is not None and report.dense_agreement < min_dense_agreement:
             report.failures.append(f"agreement with the dense model {report.dense_agreement:.4f} < {min_dense_agreement}")
-    report.latency_ms = {bs: _latency_ms(session, name, shape, bs, latency_runs) for bs in batch_sizes}
+    report.latency_ms = {bs: session_latency_ms(session, name, shape, bs, latency_runs) for bs in batch_sizes}
     report.passed = not report.failures
     return report
 

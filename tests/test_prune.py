@@ -53,3 +53,46 @@ def test_round_to_keeps_widths_multiples(small):
 def test_unknown_ignored_layer_is_reported(small):
     with pytest.raises(CompressError, match="not in the model"):
         prune(small, synthetic(8), criterion="l1", ignored_layers=["nope"], progress=False)
+
+
+def test_latency_target_validation():
+    assert Target(latency=0.5).metric == "latency" and Target(latency=0.5).fraction == 0.5
+    with pytest.raises(CompressError, match="exactly one"):
+        Target(macs=0.5, latency=0.5)
+    with pytest.raises(CompressError, match="batch_size"):
+        Target(latency=0.5, threads=0)
+
+
+def test_latency_target_search_converges_on_a_latency_model(small, monkeypatch):
+    """The MACs search against a deterministic latency model: 0.2 ms overhead + 1 ms per 10M MACs."""
+    import compress.latency
+    from compress.prune import count_macs_params
+
+    def fake_latency(model, example_inputs, **_):
+        return 0.2 + count_macs_params(model, example_inputs[:1])[0] / 1e7
+
+    monkeypatch.setattr(compress.latency, "onnx_latency_ms", fake_latency)
+    target = Target(latency=0.6, latency_tolerance=0.02)
+    result = prune(small, synthetic(64), criterion="l1", target=target, steps=2, progress=False)
+    dense_ms = fake_latency(small, torch.zeros(1, 1, 28, 28))
+    assert result.latency_before_ms == pytest.approx(dense_ms)
+    assert result.latency_after_ms == pytest.approx(fake_latency(result.model, torch.zeros(1, 1, 28, 28)))
+    assert abs(result.latency_ratio - 0.6) <= 0.02
+    assert len(result.latency_log) >= 2  # the overhead makes MACs 0.6 too slow: the search had to correct
+    assert result.latency_log[0]["macs_goal"] == 0.6 and result.macs_ratio < 0.6
+    assert "latency" in result.summary()
+
+
+def test_latency_target_that_cannot_be_met_is_a_user_error(small, monkeypatch):
+    import compress.latency
+
+    monkeypatch.setattr(compress.latency, "onnx_latency_ms", lambda *a, **k: 1.0)  # overhead-bound: never drops
+    with pytest.raises(CompressError, match="latency did not drop"):
+        prune(small, synthetic(64), criterion="l1", target=Target(latency=0.5), steps=1, progress=False)
+
+
+def test_latency_target_measured_in_onnxruntime(small):
+    """Smoke test of the real measurement: fields filled from onnxruntime runs (no speed asserted here)."""
+    result = prune(small, synthetic(64), criterion="l1", target=Target(latency=0.9, runs=3, latency_tolerance=1.0),
+                   steps=1, round_to=4, tolerance=0.05, progress=False)
+    assert result.latency_before_ms > 0 and result.latency_after_ms > 0 and len(result.latency_log) == 1

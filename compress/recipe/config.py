@@ -48,6 +48,7 @@ class PruneSection:
     criterion: str = "jbr"
     target_macs: float | None = 0.5
     target_params: float | None = None
+    target_latency: float | None = None  # fraction of the dense onnxruntime CPU latency at batch 1 (check.threads)
     steps: int = 5
     round_to: int | None = None
     ignored_layers: list[str] = field(default_factory=list)
@@ -205,11 +206,12 @@ def _validate(recipe: Recipe) -> None:
                             "use int8 (fast on CPU) or plan (the bit plan's 4/8 bits)")
     if d.source not in ("fashion-mnist", "imagenet", "synthetic"):
         raise CompressError(f"data.source = {d.source!r} is unknown", "use fashion-mnist, imagenet or synthetic")
-    if p.enabled and (p.target_macs is None) == (p.target_params is None):
-        raise CompressError("the prune section needs exactly one of target_macs, target_params",
-                            "e.g. --set prune.target_macs=0.5 (and drop target_params)")
+    if p.enabled and sum(v is not None for v in (p.target_macs, p.target_params, p.target_latency)) != 1:
+        raise CompressError("the prune section needs exactly one of target_macs, target_params, target_latency",
+                            "e.g. --set prune.target_macs=0.5 (and drop the others)")
     fraction(p.target_macs, "prune.target_macs")
     fraction(p.target_params, "prune.target_params")
+    fraction(p.target_latency, "prune.target_latency")
     fraction(c.min_agreement, "check.min_agreement")
     fraction(c.min_dense_agreement, "check.min_dense_agreement")
     if q.enabled and sum(v is not None for v in (q.avg_bits, q.bytes, q.bops)) != 1:

@@ -248,7 +248,7 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
     model = copy.deepcopy(dense)
     if p.enabled:
         with stage("prune"):
-            target = Target(macs=p.target_macs) if p.target_macs is not None else Target(params=p.target_params)
+            target = Target(macs=p.target_macs, params=p.target_params, latency=p.target_latency, threads=c.threads)
             result = prune(dense, calib, criterion=p.criterion, target=target, example_inputs=example.to(device),
                            steps=p.steps, round_to=p.round_to, ignored_layers=p.ignored_layers,
                            max_layer_ratio=p.max_layer_ratio, seed=recipe.seed, progress=progress)
@@ -257,7 +257,8 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
                                   "params": result.params_after}
         prune_record.update(criterion=p.criterion, target=target.metric, fraction=target.fraction,
                             macs_ratio=result.macs_ratio, params_ratio=result.params_ratio, steps=result.steps,
-                            seconds=result.seconds, step_log=result.step_log, ignored_layers=list(p.ignored_layers),
+                            seconds=result.seconds, step_log=result.step_log, latency_ratio=result.latency_ratio,
+                            latency_log=result.latency_log, ignored_layers=list(p.ignored_layers),
                             layers=[{"name": w.name, "before": w.before, "after": w.after} for w in result.layers],
                             history_entries=len(result.history))
         stage.done("prune", f"{result.summary()}; top-1 {_pct(variants['pruned']['top1'])}, "
