@@ -48,7 +48,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["> **TIMING ONLY**: synthetic data or random weights. Every accuracy below is meaningless; only "
                   "sizes, MACs and latencies are real.", ""]
     lines += [report["description"].strip(), "", f"Data: {report['data']['description']}, "
-              f"{report['data']['evaluation_samples']} evaluation samples. Seed {report['seed']}, device "
+              f"{report['data']['evaluation_samples']} evaluation samples (ONNX files and the quantized model: "
+              f"{next(iter(report['checks'].values()))['num_samples']}). Seed {report['seed']}, device "
               f"{report['device']}. Latency: onnxruntime CPU, median ms per batch, "
               f"{next(iter(report['checks'].values()))['threads']} threads.", ""]
     table = []

@@ -281,6 +281,8 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
     model = model.eval()
     final_macs, final_params = count_macs_params(model, example.to(device))
 
+    # the CPU-side checks (torchao model, onnxruntime files) run on check.samples of the evaluation set
+    check_data = _loader(_subset(data.evaluation, c.samples, recipe.seed), recipe.data.eval_batch_size, recipe)
     plan = None
     quantized = copy.deepcopy(model).cpu()
     if q.enabled:
@@ -292,7 +294,7 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
         stage.done("plan", plan.summary())
         with stage("quantize"):
             quantized = quantize(copy.deepcopy(model).cpu(), plan)
-            variants["quantized"] = {**_evaluate(quantized, dense.cpu(), evaluation, labelled, progress), "macs": final_macs,
+            variants["quantized"] = {**_evaluate(quantized, dense.cpu(), check_data, labelled, progress), "macs": final_macs,
                                      "params": final_params}
         stage.done("quantize", f"torchao weight-only; top-1 {_pct(variants['quantized']['top1'])}, "
                                f"agreement {_pct(variants['quantized']['dense_agreement'])}")
@@ -326,8 +328,6 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
     stage.done("export", ", ".join(f"{e.path.name} {e.size_bytes / 1e6:.2f} MB" for k, e in exports.items() if k != "dense"))
 
     with stage("check"):
-        check_set = _subset(data.evaluation, c.samples, recipe.seed)
-        check_data = _loader(check_set, recipe.data.eval_batch_size, recipe)
         final_key = "quantized" if q.enabled else "final"
         final_source = quantized if q.enabled else model
         checks = {"dense": check(dense_onnx, reference=dense, data=check_data, threads=c.threads,
