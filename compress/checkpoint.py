@@ -62,6 +62,10 @@ def _torch_load(path: str | os.PathLike) -> Any:
         except Exception as err:  # safetensors raises its own SafetensorError
             raise CompressError(f"cannot read {file}: {err}", "check that the file is complete") from err
     try:
+        import torchao.quantization  # noqa: F401  registers torchao's tensor subclasses as safe weights_only globals
+    except ImportError:
+        pass
+    try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CompressError(f"refusing to load {file}: it contains pickled code or objects, not just tensors",

@@ -29,3 +29,22 @@ def test_prune_plan_quantize_export_check(tmp_path):
     loaded = load(save(q, tmp_path / "q.pt"))
     with torch.no_grad():
         assert torch.equal(loaded(torch.ones(2, 1, 28, 28)), q(torch.ones(2, 1, 28, 28)))
+
+
+def test_quantized_checkpoint_loads_in_a_fresh_process(tmp_path):
+    """A new interpreter has not imported torchao yet: load must still accept its tensor subclasses (weights_only)."""
+    import subprocess
+    import sys
+
+    model = resolve("small_resnet")
+    plan = plan_bits(model, [torch.randn(16, 1, 28, 28)], budget=Budget(avg_bits=6), allocator="uniform",
+                     candidates=(4, 8), example_inputs=torch.zeros(1, 1, 28, 28))
+    q = quantize(model, plan)
+    path = save(q, tmp_path / "q.pt")
+    x = torch.ones(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.save(q(x), tmp_path / "expected.pt")
+    code = ("import sys, torch, compress; m = compress.load(sys.argv[1]); "
+            "assert torch.equal(m(torch.ones(2, 1, 28, 28)), torch.load(sys.argv[2])), 'outputs differ'")
+    run = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "expected.pt")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-500:]

@@ -71,6 +71,7 @@ class QuantizeSection:
     avg_bits: float | None = 5.0
     bytes: float | None = None
     bops: float | None = None
+    latency: float | None = None  # ms of the int8 QDQ file at batch 1, from a per-layer table measured here
     candidates: list[int] = field(default_factory=lambda: [4, 8, 16])
     group_size: int | None = None
     calibration_samples: int = 256
@@ -214,8 +215,8 @@ def _validate(recipe: Recipe) -> None:
     fraction(p.target_latency, "prune.target_latency")
     fraction(c.min_agreement, "check.min_agreement")
     fraction(c.min_dense_agreement, "check.min_dense_agreement")
-    if q.enabled and sum(v is not None for v in (q.avg_bits, q.bytes, q.bops)) != 1:
-        raise CompressError("the quantize section needs exactly one of avg_bits, bytes, bops",
+    if q.enabled and sum(v is not None for v in (q.avg_bits, q.bytes, q.bops, q.latency)) != 1:
+        raise CompressError("the quantize section needs exactly one of avg_bits, bytes, bops, latency",
                             "e.g. --set quantize.avg_bits=5 (and drop the others)")
     positive = {"data.calibration_samples": d.calibration_samples, "data.recalibration_samples": d.recalibration_samples,
                 "data.batch_size": d.batch_size, "data.eval_batch_size": d.eval_batch_size, "prune.steps": p.steps,

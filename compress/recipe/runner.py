@@ -287,7 +287,7 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
     quantized = copy.deepcopy(model).cpu()
     if q.enabled:
         with stage("plan"):
-            budget = Budget(avg_bits=q.avg_bits, bytes=q.bytes, bops=q.bops)
+            budget = Budget(avg_bits=q.avg_bits, bytes=q.bytes, bops=q.bops, latency=q.latency, threads=c.threads)
             plan = plan_bits(model, calib, budget, example_inputs=example.to(device), candidates=q.candidates,
                              group_size=q.group_size, allocator=q.allocator,
                              calibration_samples=q.calibration_samples, seed=recipe.seed)
