@@ -176,3 +176,39 @@ def test_overrides_parse_toml_values_and_bare_words() -> None:
                                         "check.max_top1_drop=1"])
     assert recipe.prune.target_macs == 0.3 and recipe.quantize.candidates == [2, 4, 8]
     assert recipe.model.weights == "random" and recipe.check.max_top1_drop == 1.0 and recipe.timing_only
+
+
+def test_weights_unavailable_offline_stop_with_one_line(tmp_path, capsys, monkeypatch) -> None:
+    """resnet50_jbr's IMAGENET1K_V2 weights cannot be downloaded (offline): exit 2, one line, nothing written."""
+    import urllib.error
+
+    from torchvision.models import ResNet50_Weights
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(ResNet50_Weights.IMAGENET1K_V2.__class__, "get_state_dict", offline)
+    out = tmp_path / "out"
+    assert main(["resnet50_jbr", "--data", "synthetic", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot download resnet50 weights" in err and "--weights PATH" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_latency_budget_plans_the_int8_file(tmp_path) -> None:
+    out = tmp_path / "latency"
+    code = main(["fmnist_jbr", "--data", "synthetic", "--weights", "random", "--out", str(out),
+                 *_args("data.synthetic_samples=32", "prune.enabled=false", "quantize.avg_bits=none",
+                        "quantize.latency=1000", "quantize.candidates=[8]")])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    plan = report["plan"]
+    assert plan["budget"]["latency"] == 1000 and 0 < plan["predicted_latency_ms"] <= 1000
+    import onnx
+
+    int8 = onnx.load(str(out / "model_int8.onnx"))
+    quantized_convs = {n.input[0] for n in int8.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")}
+    float_layers = [n for n, l in plan["layers"].items() if l["bits"] == 16]
+    assert float_layers == ["conv1"]  # only 8 bits offered; the 1-channel stem stays float (torchao constraint)
+    assert len(quantized_convs) == len(plan["layers"]) - 1  # the int8 file follows the plan: conv1 left in float
+    assert "Latency budget: the per-layer table predicts" in (out / "report.md").read_text()

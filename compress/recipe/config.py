@@ -155,10 +155,12 @@ def recipe_path(name: str | os.PathLike) -> Path:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"prune.target_macs=0.3"`` -> (["prune", "target_macs"], 0.3); bare words are strings."""
+    """``"prune.target_macs=0.3"`` -> (["prune", "target_macs"], 0.3); bare words are strings, none unsets."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise CompressError(f"--set {item!r} is not key=value", "e.g. --set prune.target_macs=0.3")
+    if raw.strip().lower() in ("none", "null"):
+        return key.strip().split("."), None  # unset an optional value, e.g. quantize.avg_bits=none
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:

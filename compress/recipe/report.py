@@ -92,6 +92,15 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{', '.join(f'{k}={v}' for k, v in plan['budget'].items() if k in ('avg_bits', 'bytes', 'bops') and v)}, average "
                   f"{plan['avg_bits']:.2f} bits over the layers it chose for ({plan['avg_bits_all']:.2f} over all), "
                   f"predicted TPV {plan['predicted_tpv']:.4g}.", ""]
+        int8 = report["checks"].get("int8")
+        if plan.get("predicted_latency_ms") is not None:
+            measured = (int8 or {}).get("latency_ms", {}).get("1")
+            lines += [f"Latency budget: the per-layer table predicts {plan['predicted_latency_ms']:.3f} ms for the int8 "
+                      f"QDQ file at batch 1" + (f"; measured {measured:.3f} ms (measured / predicted = "
+                                                f"{measured / plan['predicted_latency_ms']:.2f}; below 1: each layer's "
+                                                "timing includes onnxruntime's per-run overhead, paid once by the whole "
+                                                "file; above 1: the ops between layers are not in the table)."
+                                                if measured else "; no int8 file exported."), ""]
         lines += [markdown_table(["layer", "bits", "weights", "predicted TPV", "note"],
                                  [[n, "float" if l["bits"] == 16 else l["bits"], l["numel"], f"{l['predicted_tpv']:.3g}",
                                    l["note"]] for n, l in plan["layers"].items()])]

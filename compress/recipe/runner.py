@@ -303,7 +303,9 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
     meta = {"recipe": recipe.name, "criterion": p.criterion if p.enabled else "none",
             "target": f"{prune_record.get('target')}={prune_record.get('fraction')}" if p.enabled else "none",
             "timing_only": timing_only}
-    int8_source = quantized if recipe.export.qdq_weights == "plan" else model
+    # model_int8.onnx: int8 weights everywhere, or the plan's bits (16 = float) when asked or when the plan was made
+    # under a latency budget (which is measured on exactly that file)
+    int8_bits = plan.bits if plan is not None and (recipe.export.qdq_weights == "plan" or q.latency is not None) else None
     with stage("export"):
         exports = {}
         dense_onnx = work / ".dense_fp32.onnx"  # for the latency baseline only; deleted after the check
@@ -316,8 +318,8 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
         else:
             exports["final"] = export_onnx(model, example, work / "model.onnx", opset=recipe.export.opset, metadata=meta)
         if recipe.export.int8_activations:
-            exports["int8"] = export_onnx(int8_source, example, work / "model_int8.onnx", opset=recipe.export.opset,
-                                          activations="int8", metadata=meta,
+            exports["int8"] = export_onnx(model, example, work / "model_int8.onnx", opset=recipe.export.opset,
+                                          activations="int8", metadata=meta, weight_bits=int8_bits,
                                           calibration_data=calibration(data.calibration, min(512, recipe.data.calibration_samples),
                                                                        recipe.data.batch_size, recipe.seed + 2))
         save(model, work / "pruned.pt", metadata=meta)
@@ -341,7 +343,7 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
                                   threads=c.threads, parity_rtol=c.parity_rtol, min_agreement=c.min_agreement,
                                   min_dense_agreement=c.min_dense_agreement, latency_runs=c.latency_runs)
         if recipe.export.int8_activations:
-            checks["int8"] = check(work / "model_int8.onnx", reference=int8_source, data=check_data, dense=dense,
+            checks["int8"] = check(work / "model_int8.onnx", reference=model, data=check_data, dense=dense,
                                    threads=c.threads, parity_rtol=None, min_agreement=0.0, latency_runs=c.latency_runs)
     dense_onnx.unlink()
     final = checks[final_key]
