@@ -4,7 +4,9 @@ Each step builds a torch-pruning pruner on the current model, scores every pruna
 (re-scored between steps; JBR's pseudo-labels m(x) stay frozen from the dense model) and removes the globally
 least important channels. The per-step MACs targets follow a geometric schedule from 1 to the target; the
 channel ratio of a step is found by bisection so the final MACs (or params) land within ``tolerance`` of the
-target: below it when a trial lands there, else the closest trial above it (channel groups are indivisible). The input model is not modified: ``PruneResult.model`` is a pruned copy.
+target: below it when a trial lands there, else the closest trial above it (channel groups are indivisible).
+``Target(latency=...)`` searches the MACs fraction against onnxruntime measurements (``_prune_to_latency``).
+The input model is not modified: ``PruneResult.model`` is a pruned copy.
 """
 
 from __future__ import annotations
@@ -84,9 +86,9 @@ class PruneResult:
     steps: int
     seconds: float
     step_log: list[dict[str, float]] = field(default_factory=list)
-    latency_before_ms: float | None = None  # Target(latency=...): measured dense / pruned latency, and how
-    latency_after_ms: float | None = None
-    latency_log: list[dict[str, float]] = field(default_factory=list)  # one entry per MACs round of the search
+    latency_before_ms: float | None = None  # Target(latency=...): measured latency of the dense model,
+    latency_after_ms: float | None = None  # of the pruned one,
+    latency_log: list[dict[str, float]] = field(default_factory=list)  # and one entry per MACs round of the search
 
     @property
     def latency_ratio(self) -> float | None:
@@ -155,7 +157,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
           global_pruning: bool = True, calibration_samples: int = 512, batch_size: int = 64, seed: int = 0,
           criterion_options: dict[str, Any] | None = None, max_bisections: int = 20,
           progress: bool = True) -> PruneResult:
-    """Prune a copy of ``model`` with ``criterion`` until ``target`` is met (within ``tolerance`` of it, below when possible).
+    """Prune a copy of ``model`` with ``criterion`` until ``target`` is met (within ``tolerance``, below if possible).
 
     ``data``: calibration inputs (any iterable of batches or a dataset; labels ignored unless the criterion
     needs them, e.g. ``jacobian``). ``max_layer_ratio`` caps how much of any one layer a step may remove.
