@@ -140,12 +140,12 @@ def synthetic(n: int = 64, shape: tuple[int, ...] = (1, 28, 28), num_classes: in
 
 
 def loader(dataset: Dataset, batch_size: int = 128, *, shuffle: bool = False, seed: int = 0,
-           drop_last: bool = False) -> DataLoader:
-    """A DataLoader whose order depends only on ``seed``."""
+           drop_last: bool = False, workers: int = 0) -> DataLoader:
+    """A DataLoader whose order depends only on ``seed``; ``workers`` decode images in parallel (image folders)."""
     batched = _fetches_batches(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
                       generator=torch.Generator().manual_seed(seed),
-                      collate_fn=_collate_batched if batched else None)
+                      collate_fn=_collate_batched if batched else None, num_workers=0 if batched else workers)
 
 
 def inputs_of(batch: Any) -> torch.Tensor:

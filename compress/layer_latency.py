@@ -12,9 +12,7 @@ layers (activations, adds, pooling); ``BitPlan.predicted_latency_ms`` reports th
 from __future__ import annotations
 
 import copy
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -81,21 +79,15 @@ def _one_layer(layer: nn.Module, shape: tuple[int, ...]) -> tuple[nn.Module, tor
 
 
 def _time_layer(layer: nn.Module, shape: tuple[int, ...], bits: int, batch_size: int, threads: int, runs: int) -> float:
-    from exporters import export_onnx
-    from exporters.check import input_spec, open_session, session_latency_ms
+    from .latency import onnx_latency_ms
 
     wrapper, x, name = _one_layer(layer, shape)
-    with tempfile.TemporaryDirectory(prefix="compress-layer-latency-") as folder:
-        path = Path(folder) / "layer.onnx"
-        if bits >= FLOAT:
-            export_onnx(wrapper, x, path)
-        else:
-            g = torch.Generator().manual_seed(0)
-            calib = [torch.randn(8, *x.shape[1:], generator=g) for _ in range(2)]
-            export_onnx(wrapper, x, path, activations="int8", calibration_data=calib, weight_bits={name: bits})
-        session, _ = open_session(path, threads)
-        input_name, input_shape = input_spec(session)
-        return session_latency_ms(session, input_name, input_shape, batch_size, runs)
+    timing = dict(batch_size=batch_size, threads=threads, runs=runs)
+    if bits >= FLOAT:
+        return onnx_latency_ms(wrapper, x, **timing)
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(8, *x.shape[1:], generator=g) for _ in range(2)]
+    return onnx_latency_ms(wrapper, x, **timing, activations="int8", calibration_data=calib, weight_bits={name: bits})
 
 
 def layer_latency_table(model: nn.Module, example_inputs: torch.Tensor, candidates: Sequence[int] = (4, 8, FLOAT), *,

@@ -132,11 +132,7 @@ def _datasets(recipe: Recipe, input_shape: tuple[int, ...], num_classes: int) ->
 def _loader(dataset: Dataset, batch_size: int, recipe: Recipe, shuffle: bool = False) -> Any:
     from ..data import loader
 
-    dl = loader(dataset, batch_size, shuffle=shuffle, seed=recipe.seed)
-    if recipe.data.workers and not getattr(dataset, "fetches_batches", False):
-        dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=recipe.data.workers,
-                                         generator=torch.Generator().manual_seed(recipe.seed))
-    return dl
+    return loader(dataset, batch_size, shuffle=shuffle, seed=recipe.seed, workers=recipe.data.workers)
 
 
 def _versions() -> dict[str, str]:
