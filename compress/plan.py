@@ -4,13 +4,14 @@ TPV_l(b) ≈ Σ_c σ²_{l,c}(b) · Tr(H_eff)_{l,c} with σ² = Δ²/12 from torc
 or the actual rounding error ("error" model). Choosing one b_l per layer to minimise Σ_l TPV_l(b_l) subject to
 Σ_l cost_l(b_l) <= budget is a multiple-choice knapsack, solved exactly (compress.knapsack). Baseline
 allocators under the same budget: uniform bits, HAWQ-V2 (Tr(∇²L_l)/n_l · ||Q(w_l) − w_l||²), random feasible.
+A candidate a layer cannot take on the target device (compress.quantize.layer_config) is not offered to it.
 """
 
 from __future__ import annotations
 
 import random as _random
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable, Literal, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Literal, Sequence, Union
 
 import torch
 from torch import nn
@@ -20,6 +21,8 @@ from .errors import CompressError
 from .knapsack import solve_mckp
 
 FLOAT = 16  # the bit-width that means "not quantized" (kept in float; counted as 16-bit storage)
+FLOAT8 = "float8"  # candidate: float8 e4m3 weights and dynamic activations (CUDA, sm >= 8.9); 8-bit storage
+Choice = Union[int, str]  # a candidate: bits 1..8, FLOAT or FLOAT8
 Allocator = Literal["tpv", "hawq", "uniform", "random"]
 
 
@@ -59,13 +62,19 @@ class Budget:
 @dataclass(frozen=True)
 class LayerBits:
     name: str
-    bits: int  # FLOAT (16) = kept in float
+    bits: int  # FLOAT (16) = kept in float; 8 for float8
     numel: int
     macs: int
     predicted_tpv: float
     size_bytes: float
-    options: dict[int, float] = field(default_factory=dict)  # candidate bits -> predicted TPV
-    note: str = ""  # why a layer was constrained or kept in float
+    options: dict[Choice, float] = field(default_factory=dict)  # candidate -> predicted TPV
+    note: str = ""  # why the layer is fixed in float (no candidate possible, or asked)
+    float8: bool = False  # the choice is FLOAT8 (bits == 8)
+    excluded: dict[Choice, str] = field(default_factory=dict)  # candidates this layer cannot take, and why
+
+    @property
+    def choice(self) -> Choice:
+        return FLOAT8 if self.float8 else self.bits
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,8 @@ class BitPlan:
     mapping: str
     predictor: str
     latency_table: Any = None  # the LatencyTable of a latency budget
+    device: str = "cpu"  # where the quantized model runs (decides which candidates each layer can take)
+    capability: tuple[int, int] | None = None  # CUDA compute capability the plan was made for
 
     @property
     def predicted_latency_ms(self) -> float | None:
@@ -88,6 +99,16 @@ class BitPlan:
     @property
     def bits(self) -> dict[str, int]:
         return {n: l.bits for n, l in self.layers.items()}
+
+    @property
+    def choices(self) -> dict[str, Choice]:
+        """Per-layer choice: bits, FLOAT or FLOAT8."""
+        return {n: l.choice for n, l in self.layers.items()}
+
+    @property
+    def constrained(self) -> dict[str, dict[Choice, str]]:
+        """Layers that could not take some candidates on the target device, with each candidate's reason."""
+        return {n: dict(l.excluded) for n, l in self.layers.items() if l.excluded}
 
     @property
     def predicted_tpv(self) -> float:
@@ -119,14 +140,19 @@ class BitPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"allocator": self.allocator, "budget": asdict(self.budget), "group_size": self.group_size,
                 "mapping": self.mapping, "predictor": self.predictor, "predicted_tpv": self.predicted_tpv,
-                "predicted_latency_ms": self.predicted_latency_ms,
+                "predicted_latency_ms": self.predicted_latency_ms, "device": self.device,
+                "capability": list(self.capability) if self.capability else None,
                 "size_bytes": self.size_bytes, "avg_bits": self.avg_bits, "avg_bits_all": self.avg_bits_all,
-                "layers": {n: {"bits": l.bits, "numel": l.numel, "macs": l.macs, "predicted_tpv": l.predicted_tpv,
-                               "size_bytes": l.size_bytes, "note": l.note} for n, l in self.layers.items()}}
+                "layers": {n: {"bits": l.bits, "float8": l.float8, "numel": l.numel, "macs": l.macs,
+                               "predicted_tpv": l.predicted_tpv, "size_bytes": l.size_bytes, "note": l.note,
+                               "excluded": {str(c): r for c, r in l.excluded.items()}}
+                           for n, l in self.layers.items()}}
 
     def summary(self) -> str:
+        float8 = [n for n, l in self.layers.items() if l.float8]
         return (f"{self.allocator} plan: avg {self.avg_bits:.2f} bits, {self.size_bytes / 1024:.1f} KiB, predicted TPV "
-                f"{self.predicted_tpv:.4g}; float: {', '.join(self.kept_float) or 'none'}")
+                f"{self.predicted_tpv:.4g}; float: {', '.join(self.kept_float) or 'none'}"
+                + (f"; float8: {', '.join(float8)}" if float8 else ""))
 
 
 def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
@@ -157,38 +183,82 @@ def _size_bytes(weight: torch.Tensor, bits: int, group_size: int | None, scale_b
     return weight.numel() * bits / 8 + weight.numel() / block * scale_bytes
 
 
+def _order(choice: Choice) -> tuple[int, int]:
+    """Candidates from fewest to most bits; float8 after int8."""
+    return (8, 1) if choice == FLOAT8 else (int(choice), 0)
+
+
+def _storage_bits(choice: Choice) -> int:
+    return 8 if choice == FLOAT8 else int(choice)
+
+
+def _target(device: str | torch.device, capability: tuple[int, int] | None) -> tuple[str, tuple[int, int] | None]:
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return "cpu", None
+    if kind != "cuda":
+        raise CompressError(f"plan_bits cannot target device {kind!r}", "use device='cpu' or device='cuda'")
+    if capability is None:
+        if not torch.cuda.is_available():
+            raise CompressError("device='cuda' needs a GPU here, or its compute capability",
+                                "pass capability=(major, minor) of the GPU that will run the model")
+        capability = torch.cuda.get_device_capability(device)
+    return "cuda", tuple(capability)
+
+
 def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg_bits=5), *,
-              example_inputs: torch.Tensor | None = None, candidates: Sequence[int] = (4, 8, FLOAT),
+              example_inputs: torch.Tensor | None = None, candidates: Sequence[Choice] = (4, 8, FLOAT),
               group_size: int | None = None, mapping: str = "symmetric", allocator: Allocator = "tpv",
               predictor: Literal["noise", "error"] = "noise", calibration_samples: int = 256, batch_size: int = 64,
-              probes: int = 4, keep_float: Sequence[str] = (), seed: int = 0, latency_table: Any = None) -> BitPlan:
+              probes: int = 4, keep_float: Sequence[str] = (), seed: int = 0, latency_table: Any = None,
+              device: str | torch.device = "cpu", capability: tuple[int, int] | None = None) -> BitPlan:
     """Allocate bits per Conv2d/Linear layer under ``budget`` (exact knapsack on the allocator's scores).
 
-    ``candidates``: bit-widths 1..8 plus 16 for "keep in float". Layers torchao cannot quantize (a conv with one
-    input channel, depthwise convs, a group size that does not divide Cin) and ``keep_float`` names are fixed at
-    float and reported in ``BitPlan.kept_float``. ``Budget(latency=ms)`` uses ``latency_table`` (a
-    :class:`compress.layer_latency.LatencyTable`) or measures one on this machine.
+    ``candidates``: bit-widths 1..8, 16 for "keep in float", and ``FLOAT8`` ("float8", CUDA sm >= 8.9 only).
+    ``device``: where the quantized model will run ("cpu" or "cuda"; ``capability`` = the GPU's compute capability,
+    default the local GPU's); it decides which torchao config each layer gets (compress.quantize.layer_config).
+    Candidates a layer cannot take there are reported in ``BitPlan.constrained``; layers left with none (a conv with
+    one input channel, a group size that does not divide Cin, ...) and ``keep_float`` names are fixed at float and
+    reported in ``BitPlan.kept_float``. Float8 TPV always uses the actual rounding error (the "error" predictor).
+    ``Budget(latency=ms)`` uses ``latency_table`` (a :class:`compress.layer_latency.LatencyTable`) or measures one.
     """
-    from criteria.qnoise import QuantSpec, hawq_traces, hawq_v2, predicted_tpv, quantization_problems
+    from criteria.qnoise import hawq_traces, hawq_v2, predicted_tpv
     from criteria.tpv import hutchinson_diag, weight_layers
 
     from .models import spec_of
+    from .quantize import float8_dequantized, layer_config
 
     if allocator not in ("tpv", "hawq", "uniform", "random"):
         raise CompressError(f"unknown allocator {allocator!r}", "use tpv, hawq, uniform or random")
-    bad = [b for b in candidates if b != FLOAT and not 1 <= b <= 8]
+    bad = [c for c in candidates if c not in (FLOAT, FLOAT8) and not (isinstance(c, int) and 1 <= c <= 8)]
     if bad or not candidates:
-        raise CompressError(f"candidate bit-widths {list(candidates)} are not in 1..8 or {FLOAT}", "e.g. candidates=(4, 8, 16)")
-    quant_bits = sorted({b for b in candidates if b != FLOAT})
-    specs = {b: QuantSpec(bits=b, group_size=group_size, mapping=mapping) for b in quant_bits}
+        raise CompressError(f"candidates {list(candidates)} are not bit-widths in 1..8, {FLOAT} or {FLOAT8!r}",
+                            "e.g. candidates=(4, 8, 16)")
+    target, capability = _target(device, capability)
+    if FLOAT8 in candidates and (capability is None or capability < (8, 9)):
+        where = "the CPU" if capability is None else f"a GPU of compute capability {capability[0]}.{capability[1]}"
+        raise CompressError(f"float8 needs a CUDA GPU of compute capability >= 8.9, the plan targets {where}",
+                            "drop 'float8' from candidates, or plan for such a GPU (device='cuda')")
+    quant = sorted({c for c in candidates if c != FLOAT}, key=_order)
     layers = weight_layers(model)
     unknown = [n for n in keep_float if n not in layers]
     if unknown:
         raise CompressError(f"keep_float names unknown layers {unknown}", "use Conv2d/Linear names from model.named_modules()")
     notes: dict[str, str] = {n: "kept in float on request" for n in keep_float}
-    for b, spec in specs.items():
-        for name, reason in quantization_problems(model, spec):
-            notes.setdefault(name, f"torchao cannot quantize it: {reason}")
+    excluded: dict[str, dict[Choice, str]] = {n: {} for n in layers}
+    configs = {}  # (layer, choice) -> LayerConfig of the possible ones
+    for n, m in layers.items():
+        for c in quant:
+            chosen = layer_config(m, c, capability, group_size=group_size, mapping=mapping)
+            if chosen.possible:
+                configs[n, c] = chosen
+            else:
+                excluded[n][c] = chosen.reason
+        if n not in notes and not any((n, c) in configs for c in quant):
+            reasons = list(dict.fromkeys(excluded[n].values()))
+            notes[n] = "torchao cannot quantize it: " + "; ".join(reasons)
+    options = {n: [FLOAT] if n in notes else [c for c in quant if (n, c) in configs] + [FLOAT] * (FLOAT in candidates)
+               for n in layers}
     free = [n for n in layers if n not in notes]
     if example_inputs is None:
         spec = spec_of(model)
@@ -197,59 +267,76 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
         example_inputs = spec.example_input(device=next(model.parameters()).device)
     macs = layer_macs(model, example_inputs)
     calib = data if isinstance(data, CalibrationData) else calibration(data, calibration_samples, batch_size, seed)
-    tpv: dict[str, dict[int, float]] = {n: {FLOAT: 0.0} for n in layers}  # predicted TPV, reported for every plan
+    tpv: dict[str, dict[Choice, float]] = {n: {FLOAT: 0.0} for n in layers}  # predicted TPV, reported for every plan
     score = tpv  # what the knapsack minimises
     if free:
         pnames = [f"{n}.weight" for n in free]
-        diag = hutchinson_diag(model, calib, params=pnames, estimator="batched", probes=probes, seed=seed)
-        for b, spec in specs.items():
-            for p, v in predicted_tpv(model, diag, spec, predictor).items():
-                tpv[p[: -len(".weight")]][b] = float(v.sum())
+        diag = hutchinson_diag(model, calib, params=pnames, estimator="batched", probes=probes, seed=seed).diag
+        traces = hawq_traces(model, calib, params=pnames, probes=probes, seed=seed) if allocator == "hawq" else {}
         if allocator == "hawq":
-            traces = hawq_traces(model, calib, params=pnames, probes=probes, seed=seed)
             score = {n: {FLOAT: 0.0} for n in layers}
-            for b, spec in specs.items():
-                for p, v in hawq_v2(model, traces, spec).items():
-                    score[p[: -len(".weight")]][b] = v
-    options = {n: ([FLOAT] if n in notes else sorted(set(quant_bits) | ({FLOAT} & set(candidates)))) for n in layers}
+        by_spec: dict[Any, list[str]] = {}  # integer quantizer -> layers it predicts
+        for n in free:
+            for c in options[n]:
+                if c == FLOAT8:
+                    w = layers[n].weight.detach()
+                    error = (float8_dequantized(w) - w).double() ** 2
+                    tpv[n][c] = float((error * diag[f"{n}.weight"].to(error)).sum())
+                    if allocator == "hawq":
+                        score[n][c] = float(traces[f"{n}.weight"].value) / w.numel() * float(error.sum())
+                elif c != FLOAT:
+                    by_spec.setdefault(configs[n, c].spec, []).append(n)
+        for spec, names_ in by_spec.items():
+            params = [f"{n}.weight" for n in names_]
+            for p, v in predicted_tpv(model, {p: diag[p] for p in params}, spec, predictor).items():
+                tpv[p[: -len(".weight")]][spec.bits] = float(v.sum())
+            if allocator == "hawq":
+                for p, v in hawq_v2(model, {p: traces[p] for p in params}, spec).items():
+                    score[p[: -len(".weight")]][spec.bits] = v
     weights = {n: m.weight for n, m in layers.items()}
     if budget.kind == "latency":
         from .layer_latency import layer_latency_table
 
         if latency_table is None:
-            latency_table = layer_latency_table(model, example_inputs, sorted({*quant_bits, FLOAT}),
+            latency_table = layer_latency_table(model, example_inputs, sorted({*(c for c in quant if c != FLOAT8), FLOAT}),
                                                 batch_size=budget.batch_size, threads=budget.threads)
         missing = [n for n in layers if FLOAT not in latency_table.ms.get(n, {})]
         if missing:
             raise CompressError(f"the latency table has no float entry for layers {missing[:5]}",
                                 "measure the table on this model (compress.layer_latency.layer_latency_table)")
         for n in layers:
-            timed = [b for b in options[n] if b in latency_table.ms[n]]
-            if len(timed) < len(options[n]):
-                notes.setdefault(n, latency_table.notes.get(n, "no latency measured at the candidate bits"))
-            options[n] = timed or [FLOAT]
+            untimed = [c for c in options[n] if c not in latency_table.ms[n]]
+            for c in untimed:
+                excluded[n][c] = latency_table.notes.get(n, "no latency measured for it")
+            options[n] = [c for c in options[n] if c not in untimed] or [FLOAT]
+            if options[n] == [FLOAT] and n not in notes:
+                notes[n] = latency_table.notes.get(n, "no latency measured at the candidate bits")
 
-    def cost(name: str, bits: int) -> float:
-        w = weights[name]
+    def cost(name: str, choice: Choice) -> float:
+        w, bits = weights[name], _storage_bits(choice)
         if budget.kind == "avg_bits":
             return 0.0 if name in notes else float(w.numel() * bits)
         if budget.kind == "bytes":
             return _size_bytes(w, bits, group_size, budget.scale_bytes)
         if budget.kind == "latency":
-            return latency_table.ms[name][bits]
+            return latency_table.ms[name][choice]
         return float(macs.get(name, 0) * bits * budget.activation_bits)
 
     limit = {"avg_bits": (budget.avg_bits or 0) * sum(w.numel() for n, w in weights.items() if n not in notes),
              "bytes": budget.bytes, "bops": budget.bops, "latency": budget.latency}[budget.kind]
     names = list(layers)
     if allocator in ("tpv", "hawq"):
-        pick = solve_mckp([[cost(n, b) for b in options[n]] for n in names],
-                          [[score[n][b] for b in options[n]] for n in names], float(limit))
+        pick = solve_mckp([[cost(n, c) for c in options[n]] for n in names],
+                          [[score[n][c] for c in options[n]] for n in names], float(limit))
         chosen = {n: options[n][j] for n, j in zip(names, pick)}
     elif allocator == "uniform":
+        def nearest(name: str, c: Choice) -> Choice:  # c, or the widest option below it (else the narrowest)
+            below = [o for o in options[name] if _order(o) <= _order(c)]
+            return below[-1] if below else options[name][0]
+
         chosen = None
-        for b in sorted(set(quant_bits) | ({FLOAT} & set(candidates)), reverse=True):
-            trial = {n: (FLOAT if n in notes else b) for n in names}
+        for c in sorted(set(quant) | ({FLOAT} & set(candidates)), key=_order, reverse=True):
+            trial = {n: nearest(n, c) for n in names}
             if sum(cost(n, trial[n]) for n in names) <= limit * (1 + 1e-9):
                 chosen = trial
                 break
@@ -266,8 +353,10 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
             chosen[n] = options[n][options[n].index(chosen[n]) - 1]
     result = {}
     for n in names:
-        b = chosen[n]
-        result[n] = LayerBits(n, b, weights[n].numel(), macs.get(n, 0), tpv[n][b],
-                              _size_bytes(weights[n], b, group_size, budget.scale_bytes), dict(tpv[n]), notes.get(n, ""))
+        c = chosen[n]
+        bits = _storage_bits(c)
+        result[n] = LayerBits(n, bits, weights[n].numel(), macs.get(n, 0), tpv[n][c],
+                              _size_bytes(weights[n], bits, group_size, budget.scale_bytes), dict(tpv[n]), notes.get(n, ""),
+                              float8=c == FLOAT8, excluded=dict(excluded[n]))
     return BitPlan(result, allocator, budget, group_size, mapping, predictor,
-                   latency_table if budget.kind == "latency" else None)
+                   latency_table if budget.kind == "latency" else None, target, capability)

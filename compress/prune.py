@@ -151,6 +151,17 @@ def _modules_named(model: nn.Module, names: list[str]) -> list[nn.Module]:
     return [named[n] for n in names]
 
 
+def _scores_tied(model: nn.Module, example_inputs: torch.Tensor, importance: Any, ignored: list[nn.Module]) -> bool:
+    """Whether ``importance`` scores every prunable channel of ``model`` equally (torch-pruning then removes none)."""
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    scores = [importance(g) for g in graph.get_all_groups(ignored_layers=ignored,
+                                                           root_module_types=(nn.Conv2d, nn.Linear))]
+    values = torch.cat([s.flatten().float() for s in scores if s is not None and s.numel()] or [torch.zeros(0)])
+    return values.numel() > 0 and bool(values.max() == values.min())
+
+
 def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target: Target = Target(macs=0.5), *,
           example_inputs: torch.Tensor | None = None, steps: int = 5, tolerance: float = 0.02,
           round_to: int | None = None, ignored_layers: Sequence[nn.Module | str] = (), max_layer_ratio: float = 0.9,
@@ -236,6 +247,11 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
         if above is not None and above[1] <= goal + tolerance and (best is None or best[1] < goal - tolerance):
             best = above
         if best is None:
+            if above is None and _scores_tied(model, example_inputs, importance, _modules_named(model, ignored)):
+                raise CompressError(f"criterion {criterion!r} gives every prunable channel the same score, so no "
+                                    "channel can be ranked (all 0 when the output ignores them, e.g. torchvision "
+                                    "ViT's zero-initialised head before training)",
+                                    "prune a trained model, or use a weight-based criterion such as l1")
             raise CompressError(f"no channel ratio brings {target.metric} to {goal:.3f} (every layer is capped at "
                                 f"max_layer_ratio={max_layer_ratio} or ignored)",
                                 "raise max_layer_ratio or ask for a less aggressive target")

@@ -96,3 +96,14 @@ def test_latency_target_measured_in_onnxruntime(small):
     result = prune(small, synthetic(64), criterion="l1", target=Target(latency=0.9, runs=3, latency_tolerance=1.0),
                    steps=1, round_to=4, tolerance=0.05, progress=False)
     assert result.latency_before_ms > 0 and result.latency_after_ms > 0 and len(result.latency_log) == 1
+
+
+def test_criterion_that_cannot_rank_channels_is_a_user_error(small):
+    """A zeroed classifier makes every JBR score 0 (the logits ignore all channels): say so, not 'raise the cap'."""
+    import copy
+
+    blind = copy.deepcopy(small)
+    torch.nn.init.zeros_(blind.fc.weight)
+    with pytest.raises(CompressError, match="same score"):
+        prune(blind, synthetic(16), criterion="jbr", target=Target(macs=0.7), steps=1, max_bisections=4,
+              calibration_samples=16, progress=False)
