@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .data import CalibrationData, calibration
 from .errors import CompressError
 from .models import attach_spec, identify, pruning_round_to, sync_after_pruning
+from .recover import recalibrate_bn
 
 
 @dataclass(frozen=True)
@@ -167,11 +168,14 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
           round_to: int | None = None, ignored_layers: Sequence[nn.Module | str] = (), max_layer_ratio: float = 0.9,
           global_pruning: bool = True, calibration_samples: int = 512, batch_size: int = 64, seed: int = 0,
           criterion_options: dict[str, Any] | None = None, max_bisections: int = 20,
-          progress: bool = True) -> PruneResult:
+          recalibrate: bool = False, progress: bool = True) -> PruneResult:
     """Prune a copy of ``model`` with ``criterion`` until ``target`` is met (within ``tolerance``, below if possible).
 
     ``data``: calibration inputs (any iterable of batches or a dataset; labels ignored unless the criterion
     needs them, e.g. ``jacobian``). ``max_layer_ratio`` caps how much of any one layer a step may remove.
+    ``recalibrate``: re-estimate BatchNorm statistics on the calibration inputs after every step but the last, so
+    the next step scores channels around the point recovery will start from (label-free; the returned model's
+    BN statistics are those of the step before the last).
     """
     import torch_pruning as tp
 
@@ -182,7 +186,8 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
                                  tolerance=tolerance, round_to=round_to, ignored_layers=ignored_layers,
                                  max_layer_ratio=max_layer_ratio, global_pruning=global_pruning,
                                  calibration_samples=calibration_samples, batch_size=batch_size, seed=seed,
-                                 criterion_options=criterion_options, max_bisections=max_bisections, progress=progress)
+                                 criterion_options=criterion_options, max_bisections=max_bisections,
+                                 recalibrate=recalibrate, progress=progress)
     start = time.perf_counter()
     dense = model
     model = copy.deepcopy(model).eval()
@@ -256,6 +261,8 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
                                 f"max_layer_ratio={max_layer_ratio} or ignored)",
                                 "raise max_layer_ratio or ask for a less aggressive target")
         model, current, entries, ratio = best
+        if recalibrate and k < steps:
+            recalibrate_bn(model, calib, progress=False)
         history.extend(entries)
         step_log.append({"step": k, "goal": goal, "reached": current, "channel_ratio": ratio})
         bar.update()

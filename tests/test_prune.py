@@ -107,3 +107,17 @@ def test_criterion_that_cannot_rank_channels_is_a_user_error(small):
     with pytest.raises(CompressError, match="same score"):
         prune(blind, synthetic(16), criterion="jbr", target=Target(macs=0.7), steps=1, max_bisections=4,
               calibration_samples=16, progress=False)
+
+
+def test_recalibrate_between_steps_only(small):
+    """recalibrate=True re-estimates BN statistics after every step but the last; l1 ignores them, so the same
+    channels go. The random-weight model's BN statistics are the defaults (mean 0): untouched without it."""
+    bns = lambda m: [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]  # noqa: E731
+    kw = dict(criterion="l1", target=Target(macs=0.5), progress=False)
+    plain = prune(small, synthetic(64), steps=2, **kw)
+    recal = prune(small, synthetic(64), steps=2, recalibrate=True, **kw)
+    assert [l.after for l in plain.layers] == [l.after for l in recal.layers]
+    assert all(b.running_mean.abs().max() == 0 for b in bns(plain.model))
+    assert all(b.running_mean.abs().max() > 0 for b in bns(recal.model))
+    one_step = prune(small, synthetic(64), steps=1, recalibrate=True, **kw)
+    assert all(b.running_mean.abs().max() == 0 for b in bns(one_step.model))

@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recal-samples", type=int, default=2048)
     p.add_argument("--distill-epochs", type=float, default=1.0, help="0 skips distillation")
     p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--recalibrate-steps", action="store_true",
+                   help="re-estimate BN statistics on the calibration inputs between pruning steps")
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 row: dict[str, Any] = {"criterion": name, "target": target, "seed": seed}
                 start = time.perf_counter()
                 try:
-                    r = prune(dense, calib, name, Target(macs=target), steps=args.steps, progress=False)
+                    r = prune(dense, calib, name, Target(macs=target), steps=args.steps,
+                              recalibrate=args.recalibrate_steps, progress=False)
                 except Exception as err:  # a criterion that cannot reach the target is a result
                     rows.append({**row, "error": str(err)})
                     print(f"{name} @ {target}: {err}", flush=True)
