@@ -173,8 +173,8 @@ def test_shipped_recipes_are_valid_and_listed(capsys) -> None:
 
 def test_overrides_parse_toml_values_and_bare_words() -> None:
     recipe = load_recipe("fmnist_jbr", ["prune.target_macs=0.3", "quantize.candidates=[2, 4, 8]", "model.weights=random",
-                                        "check.max_top1_drop=1"])
-    assert recipe.prune.target_macs == 0.3 and recipe.quantize.candidates == [2, 4, 8]
+                                        "check.max_top1_drop=1", "prune.recalibrate=true"])
+    assert recipe.prune.target_macs == 0.3 and recipe.quantize.candidates == [2, 4, 8] and recipe.prune.recalibrate
     assert recipe.model.weights == "random" and recipe.check.max_top1_drop == 1.0 and recipe.timing_only
 
 

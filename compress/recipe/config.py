@@ -53,6 +53,7 @@ class PruneSection:
     round_to: int | None = None
     ignored_layers: list[str] = field(default_factory=list)
     max_layer_ratio: float = 0.9
+    recalibrate: bool = False  # re-estimate BN statistics on the calibration inputs between pruning steps
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,7 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
             target = Target(macs=p.target_macs, params=p.target_params, latency=p.target_latency, threads=c.threads)
             result = prune(dense, calib, criterion=p.criterion, target=target, example_inputs=example.to(device),
                            steps=p.steps, round_to=p.round_to, ignored_layers=p.ignored_layers,
+                           recalibrate=p.recalibrate,
                            max_layer_ratio=p.max_layer_ratio, seed=recipe.seed, progress=progress)
             model = result.model
             variants["pruned"] = {**_evaluate(model, dense, evaluation, labelled, progress), "macs": result.macs_after,
