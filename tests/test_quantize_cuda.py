@@ -163,3 +163,13 @@ def test_a_cuda_quantized_model_is_not_rebuilt_on_cpu() -> None:
     assert recipe["quantized_on"] == "cpu" and recipe["device"] == "cpu"
     with pytest.raises(CompressError, match="quantized on CUDA"):
         apply_quantization(model, {**recipe, "quantized_on": "cuda"})
+
+
+def test_plan_target_device_errors() -> None:
+    x = torch.zeros(1, 1, 28, 28)
+    with pytest.raises(CompressError, match="cannot target device 'meta'"):
+        plan_bits(_mlp(), synthetic(32), example_inputs=x, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(CompressError, match="needs a GPU here") as err:
+            plan_bits(_mlp(), synthetic(32), example_inputs=x, device="cuda")
+        assert "capability=(major, minor)" in err.value.fix
