@@ -312,12 +312,17 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
             if options[n] == [FLOAT] and n not in notes:
                 notes[n] = latency_table.notes.get(n, "no latency measured at the candidate bits")
 
+    def block(name: str, choice: Choice) -> int | None:
+        """The group size the layer's config really uses (CUDA int4 picks its own), else the plan's."""
+        chosen = configs.get((name, choice))
+        return chosen.spec.group_size if chosen is not None and chosen.spec is not None else group_size
+
     def cost(name: str, choice: Choice) -> float:
         w, bits = weights[name], _storage_bits(choice)
         if budget.kind == "avg_bits":
             return 0.0 if name in notes else float(w.numel() * bits)
         if budget.kind == "bytes":
-            return _size_bytes(w, bits, group_size, budget.scale_bytes)
+            return _size_bytes(w, bits, block(name, choice), budget.scale_bytes)
         if budget.kind == "latency":
             return latency_table.ms[name][choice]
         return float(macs.get(name, 0) * bits * budget.activation_bits)
@@ -356,7 +361,7 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
         c = chosen[n]
         bits = _storage_bits(c)
         result[n] = LayerBits(n, bits, weights[n].numel(), macs.get(n, 0), tpv[n][c],
-                              _size_bytes(weights[n], bits, group_size, budget.scale_bytes), dict(tpv[n]), notes.get(n, ""),
+                              _size_bytes(weights[n], bits, block(n, c), budget.scale_bytes), dict(tpv[n]), notes.get(n, ""),
                               float8=c == FLOAT8, excluded=dict(excluded[n]))
     return BitPlan(result, allocator, budget, group_size, mapping, predictor,
                    latency_table if budget.kind == "latency" else None, target, capability)

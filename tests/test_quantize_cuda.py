@@ -173,3 +173,14 @@ def test_plan_target_device_errors() -> None:
         with pytest.raises(CompressError, match="needs a GPU here") as err:
             plan_bits(_mlp(), synthetic(32), example_inputs=x, device="cuda")
         assert "capability=(major, minor)" in err.value.fix
+
+
+def test_cuda_int4_size_counts_its_own_group_size() -> None:
+    """tinygemm int4 picks group size 128 for 256 input features: twice the scales of per-row blocks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    budget = Budget(avg_bits=4)
+    plan = plan_bits(model, synthetic(32, (1, 16, 16)), budget, candidates=(4, FLOAT), device="cuda", capability=H100,
+                     example_inputs=torch.zeros(1, 1, 16, 16), calibration_samples=32, probes=1)
+    assert plan.layers["1"].bits == 4
+    assert plan.layers["1"].size_bytes == 256 * 32 * 4 / 8 + 256 * 32 / 128 * budget.scale_bytes
