@@ -90,8 +90,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved by :func:`save`: structure from the spec, then the weights (strict)."""
+def _load_device(spec: ModelSpec, device: str | torch.device | None, path: str | os.PathLike) -> torch.device:
+    """Where to rebuild: ``device``, else CUDA for a model quantized on CUDA, else the CPU."""
+    on_cuda = (spec.quantization or {}).get("quantized_on") == "cuda"
+    try:
+        target = torch.device(device if device is not None else ("cuda" if on_cuda else "cpu"))
+    except RuntimeError as err:
+        raise CompressError(f"unknown device {device!r}", "use 'cpu' or 'cuda'") from err
+    if target.type == "cuda" and not torch.cuda.is_available():
+        what = "was quantized with CUDA-only torchao configs" if on_cuda else "is to be loaded on CUDA"
+        raise CompressError(f"{path} {what}, and this machine has no CUDA GPU",
+                            "load it on a CUDA machine, or quantize the float model for the CPU" if on_cuda else
+                            "load it with device='cpu'")
+    if on_cuda and target.type != "cuda":
+        raise CompressError(f"{path} was quantized with CUDA-only torchao configs; it cannot be rebuilt on {target.type}",
+                            "load it with device='cuda', or quantize the float model for the CPU")
+    return target
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save` on ``device`` (default: CUDA for a model quantized on CUDA, else the
+    CPU): structure from the spec, then the weights (strict)."""
     record = _torch_load(path)
     if not (isinstance(record, dict) and record.get("format") == FORMAT):
         raise CompressError(f"{path} is not a compress checkpoint (maybe bare weights)",
@@ -102,9 +121,10 @@ def load(path: str | os.PathLike) -> nn.Module:
         spec = ModelSpec.from_dict(record["spec"])
     except (KeyError, TypeError, ValueError) as err:
         raise CompressError(f"{path} has a damaged model spec ({err})", "re-create the checkpoint") from err
-    model = build(spec)
+    target = _load_device(spec, device, path)
+    model = build(spec, target)
     try:
-        model.load_state_dict(record["state_dict"], strict=True, assign=True)
+        model.load_state_dict({k: v.to(target) for k, v in record["state_dict"].items()}, strict=True, assign=True)
     except RuntimeError as err:
         raise CompressError(f"{path}: weights do not fit the recorded structure ({str(err).splitlines()[0]})",
                             "re-create the checkpoint") from err

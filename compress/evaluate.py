@@ -33,11 +33,12 @@ def check_input(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits of ``model`` on ``x``, turning a shape mismatch into a one-line error."""
+    """Logits of ``model`` on ``x`` (moved to the model's device and floating dtype), turning a shape mismatch into a
+    one-line error."""
     check_input(model, x)
-    device = next(model.parameters()).device
+    first = next(model.parameters())
     try:
-        return model(x.to(device))
+        return model(x.to(first.device, first.dtype if x.is_floating_point() else x.dtype))
     except RuntimeError as err:
         if "shape" in str(err) or "size" in str(err):
             raise CompressError(f"model rejected inputs of shape {tuple(x.shape)}: {str(err).splitlines()[0][:160]}",

@@ -1,8 +1,11 @@
-"""Whole-model latency as deployed: export fp32 ONNX to a temp file and time it in onnxruntime on this machine."""
+"""Whole-model latency: as deployed on the CPU (export ONNX to a temp file, time it in onnxruntime), or eager
+PyTorch on the model's own device (a GPU)."""
 
 from __future__ import annotations
 
+import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +27,29 @@ def onnx_latency_ms(model: nn.Module, example_inputs: torch.Tensor, *, batch_siz
         session, _ = open_session(path, threads)
         name, shape = input_spec(session)
         return session_latency_ms(session, name, shape, batch_size, runs)
+
+
+@torch.no_grad()
+def torch_latency_ms(model: nn.Module, example_inputs: torch.Tensor, *, batch_size: int = 1, runs: int = 30,
+                     warmup: int = 5) -> float:
+    """Median milliseconds per eager forward of ``model`` on a batch of ``batch_size`` random inputs shaped like
+    ``example_inputs``, on the model's device and floating dtype (CUDA: each run timed with CUDA events)."""
+    first = next(model.parameters())
+    x = torch.randn(batch_size, *example_inputs.shape[1:], device=first.device, dtype=first.dtype)
+    cuda = first.device.type == "cuda"
+    times = []
+    for i in range(warmup + runs):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(x)
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            model(x)
+            elapsed = 1000 * (time.perf_counter() - t0)
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)

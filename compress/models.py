@@ -137,17 +137,19 @@ def replay_pruning(model: nn.Module, spec: ModelSpec) -> nn.Module:
     return sync_after_pruning(model)
 
 
-def build(spec: ModelSpec) -> nn.Module:
+def build(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module:
     """A model with ``spec``'s structure (pruning replayed, BN folded and layers quantized when the spec says so)
-    and freshly initialised weights."""
+    and freshly initialised weights, on ``device`` (in the dtype it was quantized in, when quantized)."""
     try:
         model = _builder(spec.arch)(**spec.kwargs)
     except TypeError as err:
         raise CompressError(f"bad arguments for {spec.arch}: {err}", "check the model kwargs") from err
     replay_pruning(model, spec)
+    model.to(device)
     if spec.quantization:
         from .quantize import apply_quantization
 
+        model.to(getattr(torch, spec.quantization.get("dtype", "float32")))
         model = apply_quantization(model, spec.quantization)
     return attach_spec(model, spec)
 

@@ -32,7 +32,8 @@ class Budget:
 
     ``avg_bits`` averages over the weights the plan may choose for (layers fixed in float, e.g. ones torchao
     cannot quantize, are excluded and reported); bytes count packed weights plus one scale per block
-    (``scale_bytes`` each) over all Conv2d/Linear weights; BOPs = Σ_l MACs_l · b_l · ``activation_bits``;
+    (``scale_bytes`` each) and, for asymmetric quantizers, one zero point per block (as the config stores it) over all
+    Conv2d/Linear weights; BOPs = Σ_l MACs_l · b_l · ``activation_bits``;
     ``latency`` (ms) = Σ_l t_l(b_l) from a per-layer onnxruntime table of the int8 QDQ file
     (:mod:`compress.layer_latency`, ``batch_size`` inputs, ``threads`` threads).
     """
@@ -176,11 +177,13 @@ def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]
     return macs
 
 
-def _size_bytes(weight: torch.Tensor, bits: int, group_size: int | None, scale_bytes: int) -> float:
+def _size_bytes(weight: torch.Tensor, bits: int, group_size: int | None, scale_bytes: float,
+                zero_point_bytes: float = 0.0) -> float:
+    """Packed weights plus, per block of ``group_size`` (default: a row of the weight), a scale and a zero point."""
     if bits == FLOAT:
         return weight.numel() * FLOAT / 8
     block = weight.shape[1] if group_size is None else group_size
-    return weight.numel() * bits / 8 + weight.numel() / block * scale_bytes
+    return weight.numel() * bits / 8 + weight.numel() / block * (scale_bytes + zero_point_bytes)
 
 
 def _order(choice: Choice) -> tuple[int, int]:
@@ -312,17 +315,20 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
             if options[n] == [FLOAT] and n not in notes:
                 notes[n] = latency_table.notes.get(n, "no latency measured at the candidate bits")
 
-    def block(name: str, choice: Choice) -> int | None:
-        """The group size the layer's config really uses (CUDA int4 picks its own), else the plan's."""
+    def size(name: str, choice: Choice) -> float:
+        """Bytes at ``choice`` with the group size and zero points the layer's config really uses (CUDA int4 picks
+        its own group size and keeps bfloat16 zero points)."""
         chosen = configs.get((name, choice))
-        return chosen.spec.group_size if chosen is not None and chosen.spec is not None else group_size
+        block = chosen.spec.group_size if chosen is not None and chosen.spec is not None else group_size
+        zero = chosen.zero_point_bytes if chosen is not None else 0.0
+        return _size_bytes(weights[name], _storage_bits(choice), block, budget.scale_bytes, zero)
 
     def cost(name: str, choice: Choice) -> float:
         w, bits = weights[name], _storage_bits(choice)
         if budget.kind == "avg_bits":
             return 0.0 if name in notes else float(w.numel() * bits)
         if budget.kind == "bytes":
-            return _size_bytes(w, bits, block(name, choice), budget.scale_bytes)
+            return size(name, choice)
         if budget.kind == "latency":
             return latency_table.ms[name][choice]
         return float(macs.get(name, 0) * bits * budget.activation_bits)
@@ -361,7 +367,7 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
         c = chosen[n]
         bits = _storage_bits(c)
         result[n] = LayerBits(n, bits, weights[n].numel(), macs.get(n, 0), tpv[n][c],
-                              _size_bytes(weights[n], bits, block(n, c), budget.scale_bytes), dict(tpv[n]), notes.get(n, ""),
+                              size(n, c), dict(tpv[n]), notes.get(n, ""),
                               float8=c == FLOAT8, excluded=dict(excluded[n]))
     return BitPlan(result, allocator, budget, group_size, mapping, predictor,
                    latency_table if budget.kind == "latency" else None, target, capability)

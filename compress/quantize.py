@@ -12,8 +12,9 @@ plan keeps in float are left alone. Which torchao config a layer gets depends on
   with compute capability >= 8.9, Linear layers with in/out features multiples of 16 and bfloat16 weights.
   Conv2d is refused: torchao 0.18 float8 conv needs mslk and then finds no kernel (measured on an H100).
 
-The plan is recorded in the model's spec, so ``compress.save``/``load`` rebuild a CPU-quantized model without
-pickle (fold, quantize the fresh structure, load the state_dict with ``assign=True``).
+The plan, the device and the dtype are recorded in the model's spec, so ``compress.save``/``load`` rebuild a
+quantized model without pickle (fold, quantize the fresh structure on the same kind of device, load the state_dict
+with ``assign=True``); a model quantized on CUDA is rebuilt on a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -39,13 +40,16 @@ class LayerConfig:
     """What quantize() does to one layer for one candidate: a torchao config, or ``reason`` why it cannot.
 
     ``spec`` is the integer quantizer whose error model predicts the config's weight error (None for float and
-    float8); ``bfloat16``: cast the layer to bfloat16 before ``quantize_`` (tinygemm int4).
+    float8); ``bfloat16``: cast the layer to bfloat16 before ``quantize_`` (tinygemm int4); ``zero_point_bytes``:
+    the storage of one block's zero point (0 when symmetric; the data's own width in an ONNX DequantizeLinear on
+    CPU; a bfloat16 beside the scale in tinygemm's ``scale_and_zero``).
     """
 
     config: Any = None
     reason: str = ""
     spec: Any = None
     bfloat16: bool = False
+    zero_point_bytes: float = 0.0
 
     @property
     def possible(self) -> bool:
@@ -88,7 +92,7 @@ def layer_config(layer: nn.Module, choice: Choice, capability: tuple[int, int] |
     problems = quantization_problems(layer, spec)
     if problems:
         return LayerConfig(reason=problems[0][1])
-    return LayerConfig(spec.config(), spec=spec)
+    return LayerConfig(spec.config(), spec=spec, zero_point_bytes=0.0 if spec.mapping.startswith("symmetric") else bits / 8)
 
 
 def _cuda_linear_config(weight: torch.Tensor, bits: int, capability: tuple[int, int], group_size: int | None,
@@ -117,7 +121,7 @@ def _cuda_linear_config(weight: torch.Tensor, bits: int, capability: tuple[int, 
             return LayerConfig(reason=f"no Int4WeightOnlyConfig group size ({'/'.join(map(str, sizes))}) divides the "
                                       f"{in_features} input features")
         config = Int4WeightOnlyConfig(group_size=g, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
-        return LayerConfig(config, spec=QuantSpec(4, g, "asymmetric"), bfloat16=True)
+        return LayerConfig(config, spec=QuantSpec(4, g, "asymmetric"), bfloat16=True, zero_point_bytes=2.0)
     return LayerConfig(reason=f"torchao 0.18 has no CUDA kernel for int{bits} weight-only Linear (IntxWeightOnly "
                               "fails on CUDA: aten.addmm); use 4 or 8 bits")
 
@@ -159,7 +163,8 @@ def apply_quantization(model: nn.Module, recipe: dict[str, Any]) -> nn.Module:
     device = first.device if first is not None else torch.device("cpu")
     if recipe.get("quantized_on", "cpu") == "cuda" and device.type != "cuda":
         raise CompressError("this model was quantized on CUDA (GPU-only torchao configs); it is being rebuilt on the CPU",
-                            "save the float model and quantize it again on the GPU (compress.load rebuilds on the CPU)")
+                            "rebuild it on a CUDA machine (compress.load(path, device='cuda')), or quantize the float "
+                            "model for the CPU")
     capability = device_capability(device)
     configs = {}
     for name, layer in recipe["layers"].items():
@@ -188,6 +193,7 @@ def quantize(model: nn.Module, plan: BitPlan) -> nn.Module:
     quantized = apply_quantization(model, recipe)
     first = next(model.parameters(), None)
     recipe["quantized_on"] = "cuda" if first is not None and first.device.type == "cuda" else "cpu"
+    recipe["dtype"] = str(first.dtype).removeprefix("torch.") if first is not None else "float32"
     spec = identify(model)
     if spec is not None:
         attach_spec(quantized, replace(spec, quantization=recipe))

@@ -35,6 +35,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     train_samples: int | None = None  # a seeded subset of the training set (tests); None: all 60k
+    device: str | None = None  # where to train ("cuda", ...); None: the CPU. Part of the cache key when set.
 
 
 def cache_dir() -> Path:
@@ -64,7 +65,10 @@ def training_set(config: TrainConfig, channels: int = 1, image_size: int = 28) -
 
 
 def train(model: nn.Module, data: Dataset, config: TrainConfig, progress: bool = True) -> nn.Module:
-    """Train ``model`` in place with cross-entropy on labelled ``data``."""
+    """Train ``model`` in place with cross-entropy on labelled ``data`` (on ``config.device``, then back where it was)."""
+    home = next(model.parameters()).device
+    device = torch.device(config.device or home)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = len(data) // config.batch_size
     if steps_per_epoch < 1 or config.epochs < 1:
@@ -76,7 +80,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, progress: bool =
     bar = tqdm(total=config.epochs * steps_per_epoch, desc="train", unit="step", disable=not progress)
     for epoch in range(config.epochs):
         for x, y in loader(data, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch, drop_last=True):
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -84,7 +88,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, progress: bool =
             bar.update()
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
-    return model.eval()
+    return model.to(home).eval()
 
 
 def reference_model(spec: ModelSpec, config: TrainConfig = TrainConfig(), progress: bool = True) -> nn.Module:

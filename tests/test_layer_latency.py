@@ -66,3 +66,26 @@ def test_budget_validation_names_latency() -> None:
     with pytest.raises(CompressError, match="latency="):
         Budget(avg_bits=4, latency=1.0)
     assert Budget(latency=2.0).kind == "latency"
+
+
+class _Sleeps(nn.Module):
+    """A forward pass that takes at least ``ms`` milliseconds and records the inputs it saw."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ms, self.weight, self.seen = ms, nn.Parameter(torch.zeros(1, dtype=torch.bfloat16)), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        self.seen.append((tuple(x.shape), x.dtype))
+        time.sleep(self.ms / 1000)
+        return x
+
+
+def test_torch_latency_times_the_model_on_its_dtype_and_batch() -> None:
+    from compress.latency import torch_latency_ms
+
+    model = _Sleeps(3.0)
+    ms = torch_latency_ms(model, torch.zeros(1, 2, 5, 5), batch_size=4, runs=5, warmup=2)
+    assert 3.0 <= ms < 50 and len(model.seen) == 7 and set(model.seen) == {((4, 2, 5, 5), torch.bfloat16)}

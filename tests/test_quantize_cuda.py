@@ -3,6 +3,8 @@ refused on CPU, and the real thing on a GPU when there is one."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -152,17 +154,74 @@ def test_quantize_on_cuda_runs() -> None:
     assert (out - ref).pow(2).mean() < ref.pow(2).mean()
 
 
-def test_a_cuda_quantized_model_is_not_rebuilt_on_cpu() -> None:
-    from compress import resolve
-    from compress.models import spec_of
+def test_a_cuda_quantized_model_is_not_rebuilt_on_cpu(tmp_path) -> None:
+    from compress import load, resolve, save
+    from compress.models import attach_spec, spec_of
     from compress.quantize import apply_quantization
 
     model = resolve("small_resnet", kwargs={"widths": (8, 16, 16)}).eval()
     plan = plan_bits(model, synthetic(32), Budget(avg_bits=8), calibration_samples=32, probes=1)
-    recipe = spec_of(quantize(model, plan)).quantization
-    assert recipe["quantized_on"] == "cpu" and recipe["device"] == "cpu"
+    q = quantize(model, plan)
+    recipe = spec_of(q).quantization
+    assert recipe["quantized_on"] == "cpu" and recipe["device"] == "cpu" and recipe["dtype"] == "float32"
     with pytest.raises(CompressError, match="quantized on CUDA"):
         apply_quantization(model, {**recipe, "quantized_on": "cuda"})
+    as_if_cuda = save(attach_spec(q, replace(spec_of(q), quantization={**recipe, "quantized_on": "cuda"})),
+                      tmp_path / "q.pt")
+    with pytest.raises(CompressError, match="cannot be rebuilt on cpu") as err:
+        load(as_if_cuda, device="cpu")
+    assert "device='cuda'" in err.value.fix
+    with pytest.raises(CompressError, match="unknown device"):
+        load(as_if_cuda, device="tpu:x")
+    if not torch.cuda.is_available():
+        with pytest.raises(CompressError, match="CUDA-only torchao configs, and this machine has no CUDA GPU"):
+            load(as_if_cuda)
+        with pytest.raises(CompressError, match="no CUDA GPU") as err:
+            load(save(model, tmp_path / "float.pt"), device="cuda")
+        assert "device='cpu'" in err.value.fix
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fc_choice", [4, 8, FLOAT8])
+def test_cuda_quantized_model_round_trips(tmp_path, fc_choice) -> None:
+    """Each CUDA Linear config (tinygemm int4, int8, float8) beside IntxWeightOnly convs: saved without pickle,
+    rebuilt on the GPU by compress.load with bit-identical outputs."""
+    import torchvision
+
+    from compress import load, save
+    from compress.models import spec_of
+
+    if fc_choice == FLOAT8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 needs compute capability >= 8.9")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=16).cuda().eval()
+    if fc_choice == FLOAT8:
+        model = model.to(torch.bfloat16)
+    x = torch.randn(4, 3, 32, 32, device="cuda", dtype=next(model.parameters()).dtype)
+    candidates, avg = {4: ((4,), 4), 8: ((8,), 8), FLOAT8: ((4, FLOAT8), 4.1)}[fc_choice]
+    plan = plan_bits(model, [x], Budget(avg_bits=avg), candidates=candidates, device="cuda", example_inputs=x[:1],
+                     calibration_samples=4, probes=1)
+    assert plan.choices["fc"] == fc_choice and not plan.kept_float
+    q = quantize(model, plan)
+    fc_type = {4: "Int4TilePackedTo4dTensor", 8: "Int8Tensor", FLOAT8: "Float8Tensor"}[fc_choice]
+    assert type(q.fc.weight).__name__ == fc_type and type(q.conv1.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    loaded = load(save(q, tmp_path / "q.pt"))
+    assert spec_of(loaded).quantization["quantized_on"] == "cuda"
+    assert type(loaded.fc.weight).__name__ == fc_type and loaded.fc.weight.device.type == "cuda"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_quantized_model_loads_on_cuda(tmp_path) -> None:
+    from compress import load, resolve, save
+
+    model = resolve("small_resnet", kwargs={"widths": (8, 16, 16)}).eval()
+    q = quantize(model, plan_bits(model, synthetic(32), Budget(avg_bits=6), calibration_samples=32, probes=1))
+    x = torch.randn(4, 1, 28, 28)
+    on_gpu = load(save(q, tmp_path / "q.pt"), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu(x.cuda()).cpu(), q(x), rtol=1e-4, atol=1e-4)
 
 
 def test_plan_target_device_errors() -> None:
@@ -176,11 +235,15 @@ def test_plan_target_device_errors() -> None:
 
 
 def test_cuda_int4_size_counts_its_own_group_size() -> None:
-    """tinygemm int4 picks group size 128 for 256 input features: twice the scales of per-row blocks."""
+    """tinygemm int4 picks group size 128 for 256 input features (twice the blocks of per-row scales) and keeps a
+    bfloat16 zero point beside each block's scale."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
     budget = Budget(avg_bits=4)
     plan = plan_bits(model, synthetic(32, (1, 16, 16)), budget, candidates=(4, FLOAT), device="cuda", capability=H100,
                      example_inputs=torch.zeros(1, 1, 16, 16), calibration_samples=32, probes=1)
     assert plan.layers["1"].bits == 4
-    assert plan.layers["1"].size_bytes == 256 * 32 * 4 / 8 + 256 * 32 / 128 * budget.scale_bytes
+    assert plan.layers["1"].size_bytes == 256 * 32 * 4 / 8 + 256 * 32 / 128 * (budget.scale_bytes + 2)
+    cpu = plan_bits(model, synthetic(32, (1, 16, 16)), budget, candidates=(4, FLOAT), mapping="asymmetric",
+                    group_size=64, example_inputs=torch.zeros(1, 1, 16, 16), calibration_samples=32, probes=1)
+    assert cpu.layers["1"].size_bytes == 256 * 32 * 4 / 8 + 256 * 32 / 64 * (budget.scale_bytes + 4 / 8)  # int4 zero

@@ -50,3 +50,15 @@ def test_reference_model_reaches_90_percent():
     model = resolve("small_resnet", weights="train")
     top1 = accuracy(model, loader(FashionMNIST("test"), 1000), progress=False).top1
     assert top1 >= 0.90, top1
+
+
+def test_a_training_device_gets_its_own_cache_entry():
+    on_gpu = TrainConfig(**{**SMALL.__dict__, "device": "cuda"})
+    assert train_module.cache_key(NARROW, SMALL) != train_module.cache_key(NARROW, on_gpu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_returns_the_model_where_it_was(tmp_cache):
+    model = reference_model(NARROW, TrainConfig(epochs=1, batch_size=64, train_samples=640, seed=3, device="cuda"),
+                            progress=False)
+    assert next(model.parameters()).device.type == "cpu"

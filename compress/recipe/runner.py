@@ -218,7 +218,11 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
 
             channels = default_input_shape(m.arch, {})[0] if not os.path.exists(m.arch) else 3
             spec_shape = (channels, m.image_size, m.image_size)
-        dense = resolve(m.arch, None if m.weights == "random" else m.weights, input_shape=spec_shape, progress=progress)
+        from ..train import TrainConfig
+
+        train_config = TrainConfig(device=recipe.device) if device.type == "cuda" else None  # weights "train"
+        dense = resolve(m.arch, None if m.weights == "random" else m.weights, input_shape=spec_shape,
+                        train_config=train_config, progress=progress)
         dense = dense.to(device).eval()
         spec = spec_of(dense)
         input_shape = tuple(spec.input_shape) if spec else (3, m.image_size or 224, m.image_size or 224)
