@@ -10,6 +10,7 @@ A candidate a layer cannot take on the target device (compress.quantize.layer_co
 from __future__ import annotations
 
 import random as _random
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal, Sequence, Union
 
@@ -276,6 +277,12 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
         pnames = [f"{n}.weight" for n in free]
         diag = hutchinson_diag(model, calib, params=pnames, estimator="batched", probes=probes, seed=seed).diag
         traces = hawq_traces(model, calib, params=pnames, probes=probes, seed=seed) if allocator == "hawq" else {}
+        nonpositive = [p[: -len(".weight")] for p, t in traces.items() if float(t.value) <= 0]
+        if nonpositive:  # the loss Hessian is indefinite: such a layer scores <= 0 at every width and gets the fewest bits
+            warnings.warn(f"HAWQ-V2: the loss-Hessian trace of {len(nonpositive)} of {len(traces)} layers is estimated "
+                          f"<= 0 with {probes} probes ({', '.join(nonpositive[:4])}{', ...' if len(nonpositive) > 4 else ''}), "
+                          "so they get the fewest bits; raise probes= (TPV's Gauss-Newton trace is never negative)",
+                          stacklevel=2)
         if allocator == "hawq":
             score = {n: {FLOAT: 0.0} for n in layers}
         by_spec: dict[Any, list[str]] = {}  # integer quantizer -> layers it predicts

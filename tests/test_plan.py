@@ -90,6 +90,33 @@ def test_baseline_allocators_respect_the_budget(model, data, allocator):
         assert plan.avg_bits == 4 and plan.avg_bits_all > 4  # conv1 (Cin=1) stays float, outside the average
 
 
+def test_hawq_warns_when_a_loss_hessian_trace_is_not_positive(model, data, monkeypatch):
+    """An indefinite loss Hessian can give a layer a trace estimate <= 0; HAWQ then scores it <= 0 at every width and
+    gives it the fewest bits. The user is told, with the fix."""
+    import warnings
+
+    import criteria.qnoise as qnoise
+
+    real = qnoise.hawq_traces
+
+    def traces_with(negative: int):
+        def estimate(*args, **kwargs):
+            traces = {n: qnoise.Estimate(t.value.abs() + 1e-6, t.stderr) for n, t in real(*args, **kwargs).items()}
+            for n in list(traces)[:negative]:
+                traces[n] = qnoise.Estimate(-traces[n].value, traces[n].stderr)
+            return traces
+        return estimate
+
+    monkeypatch.setattr(qnoise, "hawq_traces", traces_with(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every trace positive: no warning
+        plan_bits(model, data, Budget(avg_bits=5), allocator="hawq", calibration_samples=32, probes=4)
+    monkeypatch.setattr(qnoise, "hawq_traces", traces_with(1))
+    with pytest.warns(UserWarning, match=r"HAWQ-V2: the loss-Hessian trace of 1 of 9 layers .* 4 probes .*raise probes="):
+        plan = plan_bits(model, data, Budget(avg_bits=5), allocator="hawq", calibration_samples=32, probes=4)
+    assert plan.allocator == "hawq"
+
+
 def test_quantize_follows_the_plan_and_round_trips(model, data, tmp_path):
     plan = plan_bits(model, data, Budget(avg_bits=6), calibration_samples=32, probes=1)
     q = quantize(model, plan)
