@@ -3,7 +3,8 @@
 Weight-only quantization with step Δ per block acts like i.i.d. rounding noise of variance σ² = Δ²/12, so the
 predicted TPV of layer l at b bits is Σ_blocks Δ_block(b)²/12 · Σ_{p in block} diag(H_eff)_p ("noise" model).
 torchao's rounding is biased (the block's extreme weight sits between grid points), so the "error" model uses the
-actual error instead: Σ_p diag(H_eff)_p (Q(w)_p − w_p)². HAWQ-V2 (Tr(∇²L_l)/n_l · ||Q(w_l) − w_l||²) is the
+actual error instead: Σ_p diag(H_eff)_p (Q(w)_p − w_p)², and the "jvp" model keeps how those errors correlate:
+E_x ||J_l(x)(Q(w_l) − w_l)||² (criteria.tpv.linearized_tpv). HAWQ-V2 (Tr(∇²L_l)/n_l · ||Q(w_l) − w_l||²) is the
 baseline; :func:`validate` quantizes one layer at a time with torchao and ranks predictions against measurements.
 """
 
@@ -22,8 +23,8 @@ from torch.func import functional_call
 from compress.data import labels_of
 from compress.errors import CompressError
 
-from .tpv import (DiagHeff, Estimate, Estimator, RatioMean, eval_mode, hutchinson_diag, model_inputs, per_channel,
-                  rademacher, select_params, weight_layers)
+from .tpv import (DiagHeff, Estimate, Estimator, RatioMean, eval_mode, hutchinson_diag, linearized_tpv, model_inputs,
+                  per_channel, rademacher, select_params, weight_layers)
 
 MappingName = Literal["symmetric", "asymmetric", "symmetric_no_clipping_err"]
 TORCHAO_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -220,7 +221,8 @@ def measured_tpv(model: nn.Module, layer: str, spec: QuantSpec, inputs: Sequence
 class Validation:
     """Predicted and torchao-measured TPV per (layer, bits) pair and their Spearman rank correlations.
 
-    ``predicted`` holds one list per model ("noise", "error", and "hawq" when computed), aligned with ``pairs``.
+    ``predicted`` holds one list per model ("noise", "error", "jvp", and "hawq" when computed), aligned with
+    ``pairs``.
     """
 
     pairs: list[tuple[str, int]]
@@ -247,7 +249,12 @@ def validate(model: nn.Module, calibration: Iterable[Any], held_out: Iterable[An
     with eval_mode(model), torch.no_grad():
         reference = [model(x) for x in inputs]
     pairs, measured = [], []
-    predicted: dict[str, list[float]] = {k: [] for k in ("noise", "error", *(("hawq",) if hawq else ()))}
+    predicted: dict[str, list[float]] = {k: [] for k in ("noise", "error", "jvp", *(("hawq",) if hawq else ()))}
+    params = dict(model.named_parameters())
+    jvp = linearized_tpv(model, calibration, {f"{n}.weight": {b: fake_quantize(params[f"{n}.weight"].detach(),
+                                                                               replace(spec, bits=b))
+                                                                 - params[f"{n}.weight"].detach() for b in bits}
+                                              for n in layers})
     for b in bits:
         s = replace(spec, bits=b)
         noise, error = predicted_tpv(model, diag, s, "noise"), predicted_tpv(model, diag, s, "error")
@@ -258,6 +265,7 @@ def validate(model: nn.Module, calibration: Iterable[Any], held_out: Iterable[An
             measured.append(measured_tpv(model, layer, s, inputs, reference))
             predicted["noise"].append(float(noise[pname].sum()))
             predicted["error"].append(float(error[pname].sum()))
+            predicted["jvp"].append(jvp[pname][b])
             if hawq:
                 predicted["hawq"].append(hawq_scores[pname])
     return Validation(pairs, predicted, measured, {k: spearman(v, measured) for k, v in predicted.items()},

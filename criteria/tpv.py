@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from compress.data import iter_inputs
 from compress.errors import CompressError
@@ -247,6 +247,45 @@ def exact_diag(model: nn.Module, data: Iterable[Any], *, params: Sequence[str] |
 
 
 # --- empirical TPV by Monte Carlo ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, Mapping[Any, Tensor]], *,
+                   num_samples: int | None = None) -> dict[str, dict[Any, float]]:
+    """E_x ||J_p(x) δ||² for each parameter p and each candidate perturbation δ of it (``deltas[p][key]``).
+
+    The first-order TPV of a *deterministic* δw = δ on one tensor: δᵀ H_eff δ with the full H_eff block of p, so
+    correlated errors (torchao's biased rounding) count, which the diagonal models miss. One forward-mode
+    Jacobian-vector product per (tensor, batch), vmapped over the tensor's candidates (a loop where vmap fails).
+    """
+    inputs = list(model_inputs(model, data, num_samples))
+    params = dict(model.named_parameters())
+    unknown = [n for n in deltas if n not in params]
+    if unknown:
+        raise CompressError(f"no parameters named {unknown[:3]}", "use names from model.named_parameters()")
+    total = sum(len(x) for x in inputs)
+    out: dict[str, dict[Any, float]] = {}
+    with eval_mode(model):
+        for name, by_key in deltas.items():
+            if not by_key:
+                out[name] = {}
+                continue
+            w = params[name].detach()
+            keys = list(by_key)
+            tangents = torch.stack([by_key[k].to(w) for k in keys])
+
+            def jvp_sq(x: Tensor, t: Tensor) -> Tensor:
+                f = lambda v: functional_call(model, {name: v}, (x,)).reshape(len(x), -1)  # noqa: E731
+                return jvp(f, (w,), (t,))[1].double().pow(2).sum()
+
+            sums = torch.zeros(len(keys), dtype=torch.float64, device=w.device)
+            for x in inputs:
+                try:
+                    sums += vmap(lambda t: jvp_sq(x, t))(tangents)
+                except (RuntimeError, NotImplementedError):  # a model vmap cannot batch: one JVP per candidate
+                    sums += torch.stack([jvp_sq(x, t) for t in tangents])
+            out[name] = {k: float(v) / total for k, v in zip(keys, sums)}
+    return out
+
 
 @dataclass(frozen=True)
 class EmpiricalTPV:

@@ -150,8 +150,13 @@ def test_real_model_ranking_of_layer_bit_pairs() -> None:
     held_out = calibration(FashionMNIST("test"), num_samples=256, batch_size=128, seed=1)
     result = validate(model, calib, held_out, bits=(2, 3, 4, 8), estimator="single", probes=1)
     print(f"\nSpearman over {len(result.pairs)} (layer, bits) pairs: noise {result.spearman['noise']:.3f}, "
-          f"error {result.spearman['error']:.3f}, HAWQ-V2 {result.spearman['hawq']:.3f}; "
-          f"not quantizable: {result.problems}")
+          f"error {result.spearman['error']:.3f}, jvp {result.spearman['jvp']:.3f}, "
+          f"HAWQ-V2 {result.spearman['hawq']:.3f}; not quantizable: {result.problems}")
+    for name in ("noise", "error", "jvp"):
+        for b in (8, 4, 2):
+            ratios = [m / p for (_, bits), m, p in zip(result.pairs, result.measured, result.predicted[name]) if bits == b]
+            print(f"measured / predicted {name} at {b} bits: {min(ratios):.2f}-{max(ratios):.2f}")
     assert [name for name, _ in result.problems] == ["conv1"]  # Cin = 1 stem, reported rather than skipped
     assert len(result.pairs) == 4 * 9
     assert result.spearman["noise"] >= 0.8
+    assert result.spearman["jvp"] >= result.spearman["noise"]

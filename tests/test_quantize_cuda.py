@@ -87,14 +87,15 @@ def test_plan_for_cuda_reports_constrained_layers_on_cpu() -> None:
     assert plan.avg_bits <= 6 + 1e-9
 
 
-def test_plan_offers_float8_to_bf16_linear_layers() -> None:
+@pytest.mark.parametrize("predictor", ["noise", "jvp"])
+def test_plan_offers_float8_to_bf16_linear_layers(predictor) -> None:
     model = _mlp().to(torch.bfloat16)
     data = synthetic(32)
     plan = plan_bits(model, TensorDataset(data.tensors[0].bfloat16(), data.tensors[1]), Budget(avg_bits=7.9),
-                     candidates=(4, 8, FLOAT8, FLOAT), device="cuda", capability=H100,
+                     candidates=(4, 8, FLOAT8, FLOAT), device="cuda", capability=H100, predictor=predictor,
                      example_inputs=torch.zeros(1, 1, 28, 28, dtype=torch.bfloat16), calibration_samples=32, probes=1)
     assert FLOAT8 in plan.layers["6"].options and FLOAT8 not in plan.layers["10"].options
-    assert plan.layers["6"].options[FLOAT8] > 0
+    assert plan.layers["6"].options[FLOAT8] > 0 and plan.layers["6"].options[4] > plan.layers["6"].options[8] > 0
     d = plan.to_dict()["layers"]
     assert all(d[n]["float8"] == (plan.layers[n].choice == FLOAT8) for n in d)
 

@@ -179,3 +179,39 @@ def test_hutchinson_on_cuda_matches_cpu() -> None:
         cpu = hutchinson_diag(model, data, estimator=estimator, probes=2)
         gpu = hutchinson_diag(copy.deepcopy(model).cuda(), data, estimator=estimator, probes=2)
         torch.testing.assert_close(gpu.trace.value.cpu(), cpu.trace.value, rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_convnet])
+def test_linearized_tpv_is_the_quadratic_form_of_the_exact_jacobian(make) -> None:
+    """E_x ||J_p(x) δ||² = δᵀ H_eff δ with the full Jacobian from jacrev, per sample, for several δ per tensor; and
+    it is the small-ε limit of the measured ||f(w + εδ) − f(w)||² / ε²."""
+    from torch.func import functional_call, jacrev
+
+    from criteria.tpv import linearized_tpv
+
+    model = make().eval()
+    data = inputs(model, 12, 5)
+    g = torch.Generator().manual_seed(4)
+    params = dict(model.named_parameters())
+    deltas = {n: {k: torch.randn(params[n].shape, generator=g, dtype=torch.float64) for k in ("a", "b", 3)}
+              for n in ("0.weight", f"{len(model) - 1}.weight")}
+    got = linearized_tpv(model, data, deltas)
+    for name, by_key in deltas.items():
+        w = params[name].detach()
+        for key, d in by_key.items():
+            total = 0.0
+            for x in torch.cat(data).split(1):
+                jac = jacrev(lambda v: functional_call(model, {name: v}, (x,)).reshape(-1))(w)  # (K, *w.shape)
+                total += float((jac.detach().reshape(len(jac), -1) @ d.reshape(-1)).pow(2).sum())
+            assert got[name][key] == pytest.approx(total / 12, rel=1e-10)
+        eps, d = 1e-5, by_key["a"]
+        measured = empirical_tpv(model, data, replaced_weights(lambda n, w: w + eps * d if n == name else None))
+        assert measured.value / eps ** 2 == pytest.approx(got[name]["a"], rel=1e-3)
+
+
+def test_linearized_tpv_names_unknown_parameters() -> None:
+    from compress.errors import CompressError
+    from criteria.tpv import linearized_tpv
+
+    with pytest.raises(CompressError, match="no parameters named"):
+        linearized_tpv(tiny_mlp(), inputs(tiny_mlp(), 4, 4), {"nope.weight": {}})

@@ -26,7 +26,8 @@ from ..quantize import quantize
 from ..atomic import write_text
 from .output import fmt, machine, markdown_table, save_figure, write_json
 
-ALLOCATORS = {"tpv": dict(allocator="tpv"), "tpv-error": dict(allocator="tpv", predictor="error"),
+ALLOCATORS = {"tpv": dict(allocator="tpv", predictor="noise"), "tpv-error": dict(allocator="tpv", predictor="error"),
+              "tpv-jvp": dict(allocator="tpv", predictor="jvp"),
               "hawq": dict(allocator="hawq"), "uniform": dict(allocator="uniform"), "random": dict(allocator="random")}
 
 

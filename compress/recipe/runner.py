@@ -290,7 +290,7 @@ def _run(recipe: Recipe, work: Path, progress: bool, log: Callable[[str], None])
         with stage("plan"):
             budget = Budget(avg_bits=q.avg_bits, bytes=q.bytes, bops=q.bops, latency=q.latency, threads=c.threads)
             plan = plan_bits(model, calib, budget, example_inputs=example.to(device), candidates=q.candidates,
-                             group_size=q.group_size, allocator=q.allocator,
+                             group_size=q.group_size, allocator=q.allocator, predictor=q.predictor,
                              calibration_samples=q.calibration_samples, seed=recipe.seed)
         stage.done("plan", plan.summary())
         with stage("quantize"):
