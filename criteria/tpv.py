@@ -246,7 +246,7 @@ def exact_diag(model: nn.Module, data: Iterable[Any], *, params: Sequence[str] |
     return {n: a / seen for n, a in acc.items()}
 
 
-# --- empirical TPV by Monte Carlo ----------------------------------------------------------------------------
+# --- first-order TPV of a deterministic perturbation ---------------------------------------------------------
 
 @torch.no_grad()
 def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, Mapping[Any, Tensor]], *,
@@ -281,10 +281,14 @@ def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, M
             for x in inputs:
                 try:
                     sums += vmap(lambda t: jvp_sq(x, t))(tangents)
-                except (RuntimeError, NotImplementedError):  # a model vmap cannot batch: one JVP per candidate
+                except (RuntimeError, NotImplementedError) as err:  # a model vmap cannot batch: one JVP per candidate
+                    warnings.warn(f"vmap failed ({str(err).splitlines()[0]}); using one JVP per candidate")
                     sums += torch.stack([jvp_sq(x, t) for t in tangents])
             out[name] = {k: float(v) / total for k, v in zip(keys, sums)}
     return out
+
+
+# --- empirical TPV by Monte Carlo ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

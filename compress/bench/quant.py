@@ -201,6 +201,7 @@ def _latency_markdown(rows: list[dict[str, Any]], baselines: dict[str, dict[str,
                       compiled: bool) -> str:
     if not batches:
         return ""
+
     def cells(r: dict[str, Any]) -> list[str]:
         return [f"{r[f'{k}_b{b}_ms']:.2f}" if f"{k}_b{b}_ms" in r else r.get(f"{k}_error", "–")[:60]
                 for k in ("latency", "latency_bf16") for b in batches]
