@@ -10,6 +10,7 @@ A candidate a layer cannot take on the target device (compress.quantize.layer_co
 from __future__ import annotations
 
 import random as _random
+import typing
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal, Sequence, Union
@@ -26,6 +27,9 @@ FLOAT = 16  # the bit-width that means "not quantized" (kept in float; counted a
 FLOAT8 = "float8"  # candidate: float8 e4m3 weights and dynamic activations (CUDA, sm >= 8.9); 8-bit storage
 Choice = Union[int, str]  # a candidate: bits 1..8, FLOAT or FLOAT8
 Allocator = Literal["tpv", "hawq", "uniform", "random"]
+ALLOCATORS: tuple[str, ...] = typing.get_args(Allocator)
+Predictor = Literal["jvp", "noise", "error"]
+PREDICTORS: tuple[str, ...] = typing.get_args(Predictor)
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,7 @@ def _target(device: str | torch.device, capability: tuple[int, int] | None) -> t
 def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg_bits=5), *,
               example_inputs: torch.Tensor | None = None, candidates: Sequence[Choice] = (4, 8, FLOAT),
               group_size: int | None = None, mapping: str = "symmetric", allocator: Allocator = "tpv",
-              predictor: Literal["noise", "error", "jvp"] = "jvp", calibration_samples: int = 256, batch_size: int = 64,
+              predictor: Predictor = "jvp", calibration_samples: int = 256, batch_size: int = 64,
               probes: int = 4, keep_float: Sequence[str] = (), seed: int = 0, latency_table: Any = None,
               device: str | torch.device = "cpu", capability: tuple[int, int] | None = None) -> BitPlan:
     """Allocate bits per Conv2d/Linear layer under ``budget`` (exact knapsack on the allocator's scores).
@@ -238,10 +242,10 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
     from .models import spec_of
     from .quantize import float8_dequantized, layer_config
 
-    if allocator not in ("tpv", "hawq", "uniform", "random"):
-        raise CompressError(f"unknown allocator {allocator!r}", "use tpv, hawq, uniform or random")
-    if predictor not in ("noise", "error", "jvp"):
-        raise CompressError(f"unknown predictor {predictor!r}", "use noise, error or jvp")
+    if allocator not in ALLOCATORS:
+        raise CompressError(f"unknown allocator {allocator!r}", f"use {', '.join(ALLOCATORS)}")
+    if predictor not in PREDICTORS:
+        raise CompressError(f"unknown predictor {predictor!r}", f"use {', '.join(PREDICTORS)}")
     bad = [c for c in candidates if c not in (FLOAT, FLOAT8) and not (isinstance(c, int) and 1 <= c <= 8)]
     if bad or not candidates:
         raise CompressError(f"candidates {list(candidates)} are not bit-widths in 1..8, {FLOAT} or {FLOAT8!r}",

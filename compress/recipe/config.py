@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import CompressError
+from ..plan import ALLOCATORS, PREDICTORS
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -209,12 +210,9 @@ def _validate(recipe: Recipe) -> None:
     if recipe.export.qdq_weights not in ("int8", "plan"):
         raise CompressError(f"export.qdq_weights = {recipe.export.qdq_weights!r} is unknown",
                             "use int8 (fast on CPU) or plan (the bit plan's 4/8 bits)")
-    if q.allocator not in ("tpv", "hawq", "uniform", "random"):
-        raise CompressError(f"quantize.allocator = {q.allocator!r} is unknown",
-                            f"{_suggest(q.allocator, ['tpv', 'hawq', 'uniform', 'random'])}use tpv, hawq, uniform or random")
-    if q.predictor not in ("noise", "error", "jvp"):
-        raise CompressError(f"quantize.predictor = {q.predictor!r} is unknown",
-                            f"{_suggest(q.predictor, ['noise', 'error', 'jvp'])}use noise, error or jvp")
+    for key, value, known in (("allocator", q.allocator, ALLOCATORS), ("predictor", q.predictor, PREDICTORS)):
+        if value not in known:
+            raise CompressError(f"quantize.{key} = {value!r} is unknown", f"{_suggest(value, list(known))}use {', '.join(known)}")
     if d.source not in ("fashion-mnist", "imagenet", "synthetic"):
         raise CompressError(f"data.source = {d.source!r} is unknown", "use fashion-mnist, imagenet or synthetic")
     if p.enabled and sum(v is not None for v in (p.target_macs, p.target_params, p.target_latency)) != 1:
