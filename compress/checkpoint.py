@@ -18,9 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import identify
+from .adapters.spec import ModelSpec, attach_spec
 from .atomic import atomic_path
+from .backends import reload_device
 from .errors import CompressError
-from .models import ModelSpec, attach_spec, build, identify
+from .rebuild import build
 
 FORMAT = "compress-checkpoint"
 VERSION = 1
@@ -91,21 +94,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _load_device(spec: ModelSpec, device: str | torch.device | None, path: str | os.PathLike) -> torch.device:
-    """Where to rebuild: ``device``, else CUDA for a model quantized on CUDA, else the CPU."""
-    on_cuda = (spec.quantization or {}).get("quantized_on") == "cuda"
-    try:
-        target = torch.device(device if device is not None else ("cuda" if on_cuda else "cpu"))
-    except RuntimeError as err:
-        raise CompressError(f"unknown device {device!r}", "use 'cpu' or 'cuda'") from err
-    if target.type == "cuda" and not torch.cuda.is_available():
-        what = "was quantized with CUDA-only torchao configs" if on_cuda else "is to be loaded on CUDA"
-        raise CompressError(f"{path} {what}, and this machine has no CUDA GPU",
-                            "load it on a CUDA machine, or quantize the float model for the CPU" if on_cuda else
-                            "load it with device='cpu'")
-    if on_cuda and target.type != "cuda":
-        raise CompressError(f"{path} was quantized with CUDA-only torchao configs; it cannot be rebuilt on {target.type}",
-                            "load it with device='cuda', or quantize the float model for the CPU")
-    return target
+    """Where to rebuild: ``device``, else where the backend that quantized the model runs (CUDA for a model
+    quantized on CUDA), else the CPU; the backend refuses a device its configs do not run on."""
+    return reload_device(spec.quantization, device, str(path))
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:

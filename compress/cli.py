@@ -9,7 +9,15 @@ import sys
 import time
 from typing import Sequence
 
+from exporters import export_onnx
+from exporters.check import check
+
+from .atomic import write_text
+from .checkpoint import load
+from .data import FashionMNIST, image_folder, loader
 from .errors import CompressError
+from .evaluate import accuracy
+from .models import resolve, spec_of
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -27,8 +35,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _eval_data(args: argparse.Namespace, input_shape: tuple[int, ...]):
     from torch.utils.data import Subset
 
-    from .data import FashionMNIST, image_folder, loader
-
     size = args.image_size or input_shape[-1]
     if args.data == "fashion-mnist":
         dataset = FashionMNIST("test", channels=input_shape[0], image_size=size)
@@ -41,9 +47,6 @@ def _eval_data(args: argparse.Namespace, input_shape: tuple[int, ...]):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Resolve (train or load) a model and print its top-1 on the evaluation data."""
-    from .evaluate import accuracy
-    from .models import resolve, spec_of
-
     start = time.perf_counter()
     model = resolve(args.model, args.weights)
     spec = spec_of(model)
@@ -58,8 +61,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _onnx_input_shape(path: str) -> tuple[int, ...]:
     """(C, H, W) of an ONNX file's single input, read without loading the weights."""
     import onnx
-
-    from .errors import CompressError
 
     try:
         dims = onnx.load(path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
@@ -78,11 +79,6 @@ def _pct(value: float | None) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     """Run an ONNX file in onnxruntime against its source model; exit 1 when a threshold fails."""
     import json
-
-    from exporters.check import check
-
-    from .atomic import write_text
-    from .checkpoint import load
 
     shape = _onnx_input_shape(args.onnx)
     reference = load(args.reference) if args.reference else None
@@ -111,10 +107,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a model (name + weights, or a compress checkpoint, possibly pruned/quantized) to ONNX."""
     import torch
-
-    from exporters import export_onnx
-
-    from .models import resolve, spec_of
 
     model = resolve(args.model, args.weights)
     spec = spec_of(model)

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapters import adapter_for
 from .data import inputs_of, labels_of
 from .errors import CompressError
+from .nn_helpers import eval_mode
 
 
 @dataclass(frozen=True)
@@ -20,25 +22,18 @@ class Accuracy:
     total: int
 
 
-def check_input(model: nn.Module, x: torch.Tensor) -> None:
-    """Raise a one-line error when ``x`` does not fit the model's recorded input shape (C, H, W)."""
-    from .models import spec_of
-
-    spec = spec_of(model)
-    if spec is None:
-        return
-    if x.dim() != len(spec.input_shape) + 1 or x.shape[1] != spec.input_shape[0]:
-        raise CompressError(f"inputs of shape {tuple(x.shape[1:])} do not fit {spec.arch}, which expects {spec.input_shape}",
-                            "pass data of that shape (e.g. a matching --image-size / channels) or a model built for it")
+def check_input(model: nn.Module, x: Any) -> None:
+    """Raise a one-line error when ``x`` does not fit the model's recorded inputs (its adapter decides)."""
+    adapter_for(model).check_inputs(model, x)
 
 
-def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` (moved to the model's device and floating dtype), turning a shape mismatch into a
-    one-line error."""
-    check_input(model, x)
-    first = next(model.parameters())
+def predict(model: nn.Module, x: Any) -> torch.Tensor:
+    """The prediction tensor of ``model`` on inputs ``x`` (moved to the model's device and floating dtype by its
+    adapter), turning a shape mismatch into a one-line error."""
+    adapter = adapter_for(model)
+    adapter.check_inputs(model, x)
     try:
-        return model(x.to(first.device, first.dtype if x.is_floating_point() else x.dtype))
+        return adapter.forward(model, x)
     except RuntimeError as err:
         if "shape" in str(err) or "size" in str(err):
             raise CompressError(f"model rejected inputs of shape {tuple(x.shape)}: {str(err).splitlines()[0][:160]}",
@@ -49,8 +44,6 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Iterable[Any], progress: bool = True) -> Accuracy:
     """Top-1 of ``model`` on ``(input, label)`` batches."""
-    from criteria.tpv import eval_mode
-
     correct = total = 0
     with eval_mode(model):
         for batch in tqdm(data, desc="evaluate", unit="batch", disable=not progress, leave=False):

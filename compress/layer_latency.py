@@ -18,7 +18,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-FLOAT = 16
+from .backends.candidates import FLOAT
+from .latency import onnx_latency_ms
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,6 @@ def _one_layer(layer: nn.Module, shape: tuple[int, ...]) -> tuple[nn.Module, tor
 
 
 def _time_layer(layer: nn.Module, shape: tuple[int, ...], bits: int, batch_size: int, threads: int, runs: int) -> float:
-    from .latency import onnx_latency_ms
-
     wrapper, x, name = _one_layer(layer, shape)
     timing = dict(batch_size=batch_size, threads=threads, runs=runs)
     if bits >= FLOAT:

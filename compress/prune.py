@@ -6,7 +6,8 @@ least important channels. The per-step MACs targets follow a geometric schedule 
 channel ratio of a step is found by bisection so the final MACs (or params) land within ``tolerance`` of the
 target: below it when a trial lands there, else the closest trial above it (channel groups are indivisible).
 ``Target(latency=...)`` searches the MACs fraction against onnxruntime measurements (``_prune_to_latency``).
-The input model is not modified: ``PruneResult.model`` is a pruned copy.
+The input model is not modified: ``PruneResult.model`` is a pruned copy. What the model is (its never-pruned
+classifier, the channel multiple attention heads need, what to sync after pruning) comes from its adapter.
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import torch
+import torch_pruning as tp
 from torch import nn
 from tqdm.auto import tqdm
 
+import criteria
+
+from . import latency
+from .adapters import ModelAdapter, adapter_for, identify
+from .adapters.spec import attach_spec, with_history
 from .data import CalibrationData, calibration
 from .errors import CompressError
-from .models import attach_spec, identify, pruning_round_to, sync_after_pruning
+from .macs import count_macs_params
 from .recover import recalibrate_bn
+
 
 
 @dataclass(frozen=True)
@@ -114,31 +122,15 @@ class PruneResult:
                 f"({self.params_ratio:.3f}){latency} in {self.steps} steps, {self.seconds:.1f} s")
 
 
-def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
-    import torch_pruning as tp
-
-    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    return int(macs), int(params)
-
-
-def classifier_layer(model: nn.Module) -> nn.Module:
-    """The layer producing the logits (the last Linear, else the last Conv2d): its outputs are never pruned."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    if not layers:
-        raise CompressError(f"{type(model).__name__} has no Linear or Conv2d layer to prune", "pass a CNN or transformer")
-    linears = [m for m in layers if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else layers[-1]
-
-
 def _widths(model: nn.Module) -> dict[str, int]:
     return {name: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-def _ignored_names(model: nn.Module, ignored: Sequence[nn.Module | str]) -> list[str]:
-    """Names of the layers never pruned: the classifier plus the user's (given as modules of ``model`` or names)."""
+def _ignored_names(model: nn.Module, adapter: ModelAdapter, ignored: Sequence[nn.Module | str]) -> list[str]:
+    """Names of the layers never pruned: the adapter's (classifier, LM head) plus the user's (modules or names)."""
     names = {id(m): n for n, m in model.named_modules()}
-    out = [names[id(classifier_layer(model))]]
+    out = [names[id(m)] for m in adapter.never_pruned(model)]
     for item in ignored:
         name = item if isinstance(item, str) else names.get(id(item))
         if name not in dict(model.named_modules()):
@@ -154,8 +146,6 @@ def _modules_named(model: nn.Module, names: list[str]) -> list[nn.Module]:
 
 def _scores_tied(model: nn.Module, example_inputs: torch.Tensor, importance: Any, ignored: list[nn.Module]) -> bool:
     """Whether ``importance`` scores every prunable channel of ``model`` equally (torch-pruning then removes none)."""
-    import torch_pruning as tp
-
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     scores = [importance(g) for g in graph.get_all_groups(ignored_layers=ignored,
                                                            root_module_types=(nn.Conv2d, nn.Linear))]
@@ -163,7 +153,98 @@ def _scores_tied(model: nn.Module, example_inputs: torch.Tensor, importance: Any
     return values.numel() > 0 and bool(values.max() == values.min())
 
 
-def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target: Target = Target(macs=0.5), *,
+def criterion_name(criterion: Any) -> str:
+    """The name a criterion is reported under: its registered name, or its Importance class name."""
+    return criterion if isinstance(criterion, str) else type(criterion).__name__
+
+
+def make_importance(criterion: Any, options: dict[str, Any] | None) -> tp.importance.Importance:
+    """The Importance of a registered name (built with ``options``) or the user's own Importance object."""
+    if isinstance(criterion, str):
+        return criteria.get(criterion, **(options or {}))
+    if not isinstance(criterion, tp.importance.Importance):
+        raise CompressError(f"criterion must be a registered name or a torch-pruning Importance, got "
+                            f"{type(criterion).__name__}", f"use one of {', '.join(criteria.names())} or subclass "
+                            "torch_pruning.importance.Importance")
+    if options:
+        raise CompressError("criterion_options apply to a criterion given by name", "configure your Importance object yourself")
+    return criterion
+
+
+@dataclass
+class _Run:
+    """What stays fixed during one pruning run."""
+
+    name: str  # the criterion's reported name
+    importance: tp.importance.Importance
+    calib: Any
+    example: torch.Tensor
+    ignored: list[str]
+    adapter: ModelAdapter
+    metric_index: int  # 0: MACs, 1: params
+    dense_value: int
+    global_pruning: bool
+    max_layer_ratio: float
+    round_to: int | None
+    tolerance: float
+    max_bisections: int
+
+
+def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, float, list]:
+    """Prune ``net`` in place by one pruner step at ``channel_ratio``; (net, metric fraction, history entries)."""
+    pruner = tp.pruner.BasePruner(net, run.example, importance=run.importance, global_pruning=run.global_pruning,
+                                  pruning_ratio=channel_ratio, max_pruning_ratio=run.max_layer_ratio,
+                                  iterative_steps=1, ignored_layers=_modules_named(net, run.ignored),
+                                  round_to=run.round_to or run.adapter.round_to(net))
+    criteria.prepare(run.importance, net, run.calib)
+    pruner.step()
+    run.adapter.sync_after_pruning(net)
+    value = count_macs_params(net, run.example)[run.metric_index] / run.dense_value
+    return net, value, [tuple(h) for h in pruner.pruning_history()]
+
+
+def _bisect(run: _Run, model: nn.Module, goal: float, current: float) -> tuple | None:
+    """Bisection on one step's channel ratio (the number of channels removed is monotone in it): the first trial
+    in [goal - tolerance, goal]; otherwise the closest trial at or below the goal. Channel groups are indivisible:
+    when one group's removal jumps across the whole window below the goal, the closest trial above the goal is
+    taken if it lies within the tolerance. Returns (model, value, entries, ratio), or None when nothing fits."""
+    lo, hi = 0.0, 1.0
+    guess = min(0.9, max(1e-3, 1.0 - (goal / current) ** 0.5))  # MACs ~ (kept channel fraction)^2
+    best = above = None
+    for _ in range(run.max_bisections):
+        trial, value, entries = _trial(run, copy.deepcopy(model), guess)
+        if value <= goal + 1e-12 and (best is None or value > best[1]):
+            best = (trial, value, entries, guess)
+        elif value > goal + 1e-12 and value < current - 1e-12 and (above is None or value < above[1]):
+            above = (trial, value, entries, guess)
+        if value > goal + 1e-12:
+            lo = guess  # removed too little
+        elif value < goal - run.tolerance:
+            hi = guess  # removed too much
+        else:
+            break
+        if hi - lo < 1e-6:
+            break
+        guess = (lo + hi) / 2
+    if above is not None and above[1] <= goal + run.tolerance and (best is None or best[1] < goal - run.tolerance):
+        best = above
+    if best is None and above is None and _scores_tied(model, run.example, run.importance,
+                                                      _modules_named(model, run.ignored)):
+        raise CompressError(f"criterion {run.name!r} gives every prunable channel the same score, so no channel can "
+                            "be ranked (all 0 when the output ignores them, e.g. torchvision ViT's zero-initialised head before "
+                            "training)", "prune a trained model, or use a weight-based criterion such as l1")
+    return best
+
+
+def _calibration(data: Iterable[Any], criterion: Any, samples: int, batch_size: int, seed: int) -> CalibrationData:
+    """The calibration batches, with labels only for criteria that need them."""
+    labelled = isinstance(criterion, str) and criteria.needs_labels(criterion)
+    if isinstance(data, CalibrationData):
+        return replace(data, with_labels=labelled)
+    return calibration(data, samples, batch_size, seed, with_labels=labelled)
+
+
+def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target: Target = Target(macs=0.5), *,
           example_inputs: torch.Tensor | None = None, steps: int = 5, tolerance: float = 0.02,
           round_to: int | None = None, ignored_layers: Sequence[nn.Module | str] = (), max_layer_ratio: float = 0.9,
           global_pruning: bool = True, calibration_samples: int = 512, batch_size: int = 64, seed: int = 0,
@@ -171,16 +252,14 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
           recalibrate: bool = False, progress: bool = True) -> PruneResult:
     """Prune a copy of ``model`` with ``criterion`` until ``target`` is met (within ``tolerance``, below if possible).
 
+    ``criterion``: a registered name (``criteria.names()``) or any torch-pruning ``Importance`` object (a
+    :class:`criteria.calibrated.CalibratedImportance` gets the calibration data before each step).
     ``data``: calibration inputs (any iterable of batches or a dataset; labels ignored unless the criterion
     needs them, e.g. ``jacobian``). ``max_layer_ratio`` caps how much of any one layer a step may remove.
     ``recalibrate``: re-estimate BatchNorm statistics on the calibration inputs after every step but the last, so
     the next step scores channels around the point recovery will start from (label-free; the returned model's
     BN statistics are those of the step before the last).
     """
-    import torch_pruning as tp
-
-    import criteria
-
     if target.metric == "latency":
         return _prune_to_latency(model, data, criterion, target, example_inputs=example_inputs, steps=steps,
                                  tolerance=tolerance, round_to=round_to, ignored_layers=ignored_layers,
@@ -192,71 +271,25 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
     dense = model
     model = copy.deepcopy(model).eval()
     spec = identify(dense)
-    if example_inputs is None:
-        if spec is None:
-            raise CompressError("cannot infer the input shape of this model", "pass example_inputs=torch.zeros(1, C, H, W)")
-        example_inputs = spec.example_input()
+    adapter = adapter_for(dense)
     device = next(model.parameters()).device
-    example_inputs = example_inputs[:1].to(device)
-    labelled = criterion in criteria.NEEDS_LABELS
-    if isinstance(data, CalibrationData):
-        calib = replace(data, with_labels=labelled)
-    else:
-        calib = calibration(data, calibration_samples, batch_size, seed, with_labels=labelled)
-    importance = criteria.get(criterion, **(criterion_options or {}))
-    ignored = _ignored_names(model, ignored_layers)
+    example = (adapter.example_inputs(dense) if example_inputs is None else example_inputs)[:1].to(device)
+    name = criterion_name(criterion)
+    calib = _calibration(data, criterion, calibration_samples, batch_size, seed)
+    before = count_macs_params(model, example)
     metric_index = 0 if target.metric == "macs" else 1
-    before = count_macs_params(model, example_inputs)
+    run = _Run(name, make_importance(criterion, criterion_options), calib, example,
+               _ignored_names(model, adapter, ignored_layers), adapter, metric_index, before[metric_index],
+               global_pruning, max_layer_ratio, round_to, tolerance, max_bisections)
     widths_before = _widths(model)
-    dense_value = before[metric_index]
     history: list[tuple[str, bool, list[int]]] = []
     step_log: list[dict[str, float]] = []
     current = 1.0
-    bar = tqdm(total=steps, desc=f"prune[{criterion}]", unit="step", disable=not progress)
-
-    def prune_step(net: nn.Module, channel_ratio: float) -> tuple[nn.Module, float, list]:
-        pruner = tp.pruner.BasePruner(net, example_inputs, importance=importance, global_pruning=global_pruning,
-                                      pruning_ratio=channel_ratio, max_pruning_ratio=max_layer_ratio,
-                                      iterative_steps=1, ignored_layers=_modules_named(net, ignored),
-                                      round_to=round_to or pruning_round_to(net))
-        criteria.prepare(importance, net, calib)
-        pruner.step()
-        sync_after_pruning(net)
-        value = count_macs_params(net, example_inputs)[metric_index] / dense_value
-        return net, value, [tuple(h) for h in pruner.pruning_history()]
-
+    bar = tqdm(total=steps, desc=f"prune[{name}]", unit="step", disable=not progress)
     for k in range(1, steps + 1):
         goal = target.fraction ** (k / steps)
-        # Bisection on the step's channel ratio (the number of channels removed is monotone in it): accept the
-        # first trial in [goal - tolerance, goal]; otherwise keep the closest trial at or below the goal.
-        lo, hi = 0.0, 1.0
-        guess = min(0.9, max(1e-3, 1.0 - (goal / current) ** 0.5))  # MACs ~ (kept channel fraction)^2
-        best = above = None
-        for _ in range(max_bisections):
-            trial, value, entries = prune_step(copy.deepcopy(model), guess)
-            if value <= goal + 1e-12 and (best is None or value > best[1]):
-                best = (trial, value, entries, guess)
-            elif value > goal + 1e-12 and value < current - 1e-12 and (above is None or value < above[1]):
-                above = (trial, value, entries, guess)
-            if value > goal + 1e-12:
-                lo = guess  # removed too little
-            elif value < goal - tolerance:
-                hi = guess  # removed too much
-            else:
-                break
-            if hi - lo < 1e-6:
-                break
-            guess = (lo + hi) / 2
-        # Channel groups are indivisible: when one group's removal jumps across the whole window below the goal,
-        # the closest trial above the goal is taken if it lies within the tolerance (the target is met within ±tol).
-        if above is not None and above[1] <= goal + tolerance and (best is None or best[1] < goal - tolerance):
-            best = above
+        best = _bisect(run, model, goal, current)
         if best is None:
-            if above is None and _scores_tied(model, example_inputs, importance, _modules_named(model, ignored)):
-                raise CompressError(f"criterion {criterion!r} gives every prunable channel the same score, so no "
-                                    "channel can be ranked (all 0 when the output ignores them, e.g. torchvision "
-                                    "ViT's zero-initialised head before training)",
-                                    "prune a trained model, or use a weight-based criterion such as l1")
             raise CompressError(f"no channel ratio brings {target.metric} to {goal:.3f} (every layer is capped at "
                                 f"max_layer_ratio={max_layer_ratio} or ignored)",
                                 "raise max_layer_ratio or ask for a less aggressive target")
@@ -272,38 +305,31 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: str = "jbr", target:
         raise CompressError(f"pruning reached {target.metric}={current:.3f}: removing one more channel group jumps "
                             f"past the target {target.fraction} by more than {tolerance}",
                             "raise the tolerance, lower round_to, or use more steps")
-    after = count_macs_params(model, example_inputs)
+    after = count_macs_params(model, example)
     widths_after = _widths(model)
     if spec is not None:
-        attach_spec(model, replace(spec, pruning_history=spec.pruning_history + tuple(
-            (str(n), bool(o), tuple(int(i) for i in idx)) for n, o, idx in history)))
+        attach_spec(model, with_history(spec, history))
     layers = [LayerWidth(n, w, widths_after.get(n, 0)) for n, w in widths_before.items()]
-    return PruneResult(model, history, criterion, target, before[0], after[0], before[1], after[1], layers,
+    return PruneResult(model, history, name, target, before[0], after[0], before[1], after[1], layers,
                        steps, time.perf_counter() - start, step_log)
-
 
 
 LATENCY_ROUNDS = 4  # MACs fractions tried by the latency search
 
 
-def _prune_to_latency(model: nn.Module, data: Iterable[Any], criterion: str, target: Target, *,
+def _prune_to_latency(model: nn.Module, data: Iterable[Any], criterion: Any, target: Target, *,
                       example_inputs: torch.Tensor | None, **options: Any) -> PruneResult:
     """Prune to a measured latency fraction: latency is not a function torch-pruning can bisect cheaply (an export
     and ~20 timed runs per trial, and noisy), so this searches on the MACs fraction m instead. Start from
     m = target; after pruning the dense model to m and measuring the latency ratio ρ(m), correct
     m ← m · target / ρ(m) (latency ∝ MACs locally), at most ``LATENCY_ROUNDS`` times. The pruned model whose ρ is
     within ``target.latency_tolerance`` of the target (else the closest one at or below it) is returned."""
-    from .latency import onnx_latency_ms
-
     start = time.perf_counter()
-    spec = identify(model)
     if example_inputs is None:
-        if spec is None:
-            raise CompressError("cannot infer the input shape of this model", "pass example_inputs=torch.zeros(1, C, H, W)")
-        example_inputs = spec.example_input()
+        example_inputs = adapter_for(model).example_inputs(model, device="cpu")
 
     def measure(net: nn.Module) -> float:
-        return onnx_latency_ms(net, example_inputs, batch_size=target.batch_size, runs=target.runs, threads=target.threads)
+        return latency.onnx_latency_ms(net, example_inputs, batch_size=target.batch_size, runs=target.runs, threads=target.threads)
 
     dense_ms = measure(model)
     goal, tol = target.fraction, target.latency_tolerance

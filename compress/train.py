@@ -18,11 +18,12 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
+from .adapters.spec import ModelSpec
 from .checkpoint import load, save
 from .data import FASHION_MNIST_FILES, FashionMNIST, fashion_mnist_dir, loader
 from .errors import CompressError
 from .evaluate import accuracy
-from .models import ModelSpec, build
+from .rebuild import build
 
 
 @dataclass(frozen=True)

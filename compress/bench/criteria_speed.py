@@ -21,7 +21,7 @@ import criteria
 from ..atomic import write_text
 from ..models import resolve, spec_of
 from ..prune import classifier_layer
-from .output import machine, markdown_table, write_json
+from ..output import machine, markdown_table, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from ..evaluate import compare
 from ..models import resolve
 from ..prune import Target, prune
 from ..recover import distill, recalibrate_bn
-from .output import fmt, machine, markdown_table, mean_std, save_figure, write_json
+from ..output import fmt, machine, markdown_table, mean_std, save_figure, write_json
 
 STAGES = ("pruned", "recal", "distill")
 

@@ -17,14 +17,21 @@ from typing import Any
 
 import torch
 
+from criteria.qnoise import hawq_traces, spearman
+from criteria.tpv import weight_layers
+
+from ..atomic import write_text
 from ..data import FashionMNIST, calibration, loader
 from ..errors import CompressError
 from ..evaluate import compare
+from ..latency import torch_latency_ms
 from ..models import resolve
+from ..output import fmt, machine, markdown_table, save_figure, write_json
 from ..plan import FLOAT, Budget, plan_bits
+from ..prune import Target, prune
 from ..quantize import quantize
-from ..atomic import write_text
-from .output import fmt, machine, markdown_table, save_figure, write_json
+from ..recover import distill, recalibrate_bn
+from ..train import TrainConfig
 
 ALLOCATORS = {"tpv": dict(allocator="tpv", predictor="noise"), "tpv-error": dict(allocator="tpv", predictor="error"),
               "tpv-jvp": dict(allocator="tpv", predictor="jvp"),
@@ -58,8 +65,6 @@ def _data(args: argparse.Namespace, split: str) -> torch.utils.data.Dataset:
 
 
 def _models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
-    from ..train import TrainConfig
-
     train_config = TrainConfig(epochs=args.train_epochs, train_samples=args.train_samples,
                                device=None if args.device == "cpu" else args.device)
     kwargs = {} if args.arch == "small_resnet" else {"num_classes": 10}
@@ -67,9 +72,6 @@ def _models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     dense = resolve(args.arch, weights="train", kwargs=kwargs, input_shape=shape, train_config=train_config).to(args.device)
     models = {"dense": dense}
     if args.pruned:
-        from ..prune import Target, prune
-        from ..recover import distill, recalibrate_bn
-
         train = _data(args, "train")
         pruned = prune(dense, calibration(train, 512, 64, seed=0), "jbr", Target(macs=0.5), progress=False).model
         recalibrate_bn(pruned, calibration(train, 2048, 128, seed=1), progress=False)
@@ -80,9 +82,6 @@ def _models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
 
 def _hawq_trace_signs(model: torch.nn.Module, calib: Any, probes: int) -> dict[str, Any]:
     """The loss-Hessian traces HAWQ-V2 ranks layers by: a layer whose estimate is <= 0 scores <= 0 at every width."""
-    from criteria.qnoise import hawq_traces
-    from criteria.tpv import weight_layers
-
     traces = hawq_traces(model, calib, params=[f"{n}.weight" for n in weight_layers(model)], probes=probes)
     values = {p[: -len(".weight")]: (float(t.value), float(t.stderr)) for p, t in traces.items()}
     return {"layers": len(values), "nonpositive": [n for n, (v, _) in values.items() if v <= 0], "traces": values}
@@ -92,8 +91,6 @@ def _latencies(model: torch.nn.Module, x: torch.Tensor, batches: list[int], bf16
                compile_: bool = False) -> dict[str, Any]:
     """Latency (ms) of ``model`` and of its bfloat16 variant ``bf16`` at each batch size, eager or compiled; a model
     that fails to compile gets its error instead."""
-    from ..latency import torch_latency_ms
-
     out: dict[str, Any] = {}
     for key, m in (("latency", model), ("latency_bf16", bf16)):
         try:
@@ -157,7 +154,6 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                     print(f"{model_name} avg<={budget:g} {name}[{seed}]: {plan.avg_bits:.2f} bits, agreement "
                           f"{100 * c.agreement:.2f}%, top-1 {100 * c.top1:.2f}%, pred {plan.predicted_tpv:.3g}, "
                           f"meas {c.mse:.3g}", flush=True)
-    from criteria.qnoise import spearman
 
     ok = [r for r in rows if "error" not in r]
     summary = {m: spearman([r["predicted_tpv"] for r in ok if r["model"] == m],

@@ -1,8 +1,9 @@
-"""Writing a benchmark's results: JSON, Markdown and PNG, each atomically."""
+"""Writing results for people (benchmarks and recipe reports): JSON, Markdown tables and PNG, each atomically."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 from pathlib import Path
@@ -10,13 +11,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..atomic import atomic_path, write_text
+from .atomic import atomic_path, write_text
 
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
-    import os
-
     return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

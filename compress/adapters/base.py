@@ -1,0 +1,85 @@
+"""The model-adapter interface: the one place that knows what kind of model the pipeline holds.
+
+Everything the pipeline needs to know about a model family goes through a :class:`ModelAdapter`: how to make
+example inputs and describe them for export (names, dynamic axes), how to run a batch and take the prediction
+tensor f(x) whose TPV is measured, which layers are never pruned (classifier, LM head), the channel multiple the
+structure requires (attention heads), what to update after pruning, and how to identify and rebuild the model
+from a :class:`~compress.adapters.spec.ModelSpec` on load. Add a family by subclassing it in one file and
+registering an instance (:func:`compress.adapters.register`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CompressError
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model's inputs as an exported graph names them: input names, output names and dynamic axes."""
+
+    names: tuple[str, ...]
+    outputs: tuple[str, ...] = ("logits",)
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+class ModelAdapter:
+    """Base class of model adapters (see the module docstring); the methods below are the whole interface."""
+
+    name: str = "base"
+
+    def handles(self, model: nn.Module) -> bool:
+        """Whether this adapter understands ``model``."""
+        raise NotImplementedError
+
+    # --- inputs and outputs -----------------------------------------------------------------------------------
+    def example_inputs(self, model: nn.Module, batch: int = 1, device: str | torch.device | None = None) -> Any:
+        """Inputs of ``batch`` samples the model accepts (from its recorded spec); a one-line error when unknown."""
+        raise NotImplementedError
+
+    def input_spec(self, model: nn.Module) -> InputSpec:
+        """Input and output names and dynamic axes of the exported graph."""
+        raise NotImplementedError
+
+    def inputs_of(self, batch: Any) -> Any:
+        """The model inputs of a data batch (labels dropped)."""
+        raise NotImplementedError
+
+    def check_inputs(self, model: nn.Module, inputs: Any) -> None:
+        """A one-line error when ``inputs`` do not fit the model; nothing otherwise."""
+
+    def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """The prediction tensor f(x) of shape (batch, outputs) for ``inputs`` moved to the model's device."""
+        raise NotImplementedError
+
+    # --- structure ----------------------------------------------------------------------------------------------
+    def never_pruned(self, model: nn.Module) -> list[nn.Module]:
+        """Layers whose outputs are never pruned (classifier, LM head, embeddings)."""
+        raise NotImplementedError
+
+    def round_to(self, model: nn.Module) -> int | None:
+        """The channel multiple the structure requires (attention heads keep equal widths), or None."""
+        return None
+
+    def attention_heads(self, model: nn.Module) -> dict[str, int]:
+        """Attention modules by name and their head counts (empty for models without attention)."""
+        return {}
+
+    def sync_after_pruning(self, model: nn.Module) -> nn.Module:
+        """Update the plain attributes a forward pass reads that pruning cannot see."""
+        return model
+
+    # --- identity -----------------------------------------------------------------------------------------------
+    def identify(self, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> ModelSpec | None:
+        """The spec of an unrecorded ``model`` when its builder is known, else None."""
+        return None
+
+    def rebuild(self, spec: ModelSpec) -> nn.Module:
+        """A fresh model of ``spec``'s structure (pruning history replayed, weights freshly initialised)."""
+        raise CompressError(f"the {self.name} adapter cannot rebuild {spec.arch}", "save the model with a known builder")

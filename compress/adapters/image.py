@@ -1,0 +1,200 @@
+"""The image-classifier adapter: one (N, C, H, W) tensor in, logits (N, classes) out.
+
+It covers torchvision's classification builders, the toolkit's ``small_resnet`` and any user ``nn.Module`` of that
+shape (timm models included): the classifier (last Linear, else last Conv2d) is never pruned, attention heads of
+``nn.MultiheadAttention`` fix the channel multiple, and torchvision/``small_resnet`` models are identified by
+building candidates on the meta device and comparing parameter shapes, so they rebuild on load.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..data import inputs_of
+from ..errors import CompressError
+from ..small_resnet import SmallResNet
+from .base import InputSpec, ModelAdapter
+from .spec import IMAGENET_INPUT_SHAPE, ModelSpec, spec_of
+
+LOCAL_ARCHS: dict[str, Callable[..., nn.Module]] = {"small_resnet": SmallResNet}
+LOCAL_INPUT_SHAPES: dict[str, Callable[[dict], tuple[int, ...]]] = {
+    "small_resnet": lambda kw: (int(kw.get("in_channels", 1)), 28, 28),
+}
+
+
+def torchvision_archs() -> list[str]:
+    """Names of torchvision's image-classification builders."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def arch_names() -> list[str]:
+    return sorted(LOCAL_ARCHS) + torchvision_archs()
+
+
+def builder(arch: str) -> Callable[..., nn.Module]:
+    """The constructor of ``arch`` (random weights); a one-line error with suggestions for an unknown name."""
+    if arch in LOCAL_ARCHS:
+        return LOCAL_ARCHS[arch]
+    if arch in torchvision_archs():
+        import torchvision
+
+        return lambda **kw: torchvision.models.get_model(arch, weights=None, **kw)
+    close = difflib.get_close_matches(arch, arch_names(), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "see compress.models.arch_names()"
+    raise CompressError(f"unknown model {arch!r}", f"use a torchvision name (resnet18, resnet50, mobilenet_v2, ...) or small_resnet; {hint}")
+
+
+def default_input_shape(arch: str, kwargs: dict[str, Any]) -> tuple[int, ...]:
+    return LOCAL_INPUT_SHAPES[arch](kwargs) if arch in LOCAL_INPUT_SHAPES else IMAGENET_INPUT_SHAPE
+
+
+def make_spec(arch: str, kwargs: dict[str, Any] | None = None, input_shape: tuple[int, ...] | None = None,
+              weights: str = "random") -> ModelSpec:
+    kwargs = dict(kwargs or {})
+    builder(arch)  # validates the name
+    return ModelSpec(arch, kwargs, tuple(input_shape or default_input_shape(arch, kwargs)), weights)
+
+
+def classifier_layer(model: nn.Module) -> nn.Module:
+    """The layer producing the logits (the last Linear, else the last Conv2d): its outputs are never pruned."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        raise CompressError(f"{type(model).__name__} has no Linear or Conv2d layer to prune", "pass a CNN or transformer")
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else layers[-1]
+
+
+def num_classes(model: nn.Module) -> int | None:
+    """Outputs of the last Linear/Conv2d layer."""
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not last:
+        return None
+    return last[-1].out_features if isinstance(last[-1], nn.Linear) else last[-1].out_channels
+
+
+def replay_pruning(model: nn.Module, spec: ModelSpec, sync: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Re-apply ``spec.pruning_history`` to a freshly built, unpruned ``model`` (torch-pruning's replay)."""
+    if not spec.pruning_history:
+        return model
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=spec.example_input())
+    try:
+        graph.load_pruning_history([[n, o, list(i)] for n, o, i in spec.pruning_history])
+    except (AttributeError, IndexError, KeyError, RuntimeError) as err:
+        raise CompressError(f"pruning history does not fit architecture {spec.arch}: {err}",
+                            "load the checkpoint with the toolkit version that wrote it") from err
+    return sync(model)
+
+
+def torchvision_weights(arch: str, name: str) -> Any:
+    """The torchvision weights enum member ``name`` (e.g. ``IMAGENET1K_V2``, ``DEFAULT``) of ``arch``."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError) as err:
+        raise CompressError(f"{arch} has no torchvision weights", "pass --weights PATH, train or random") from err
+    short = name.split(".")[-1]
+    try:
+        return enum[short] if short != "DEFAULT" else enum.DEFAULT
+    except KeyError as err:
+        options = ", ".join(["DEFAULT"] + [w.name for w in enum])
+        raise CompressError(f"{arch} has no weights {name!r}", f"use one of {options}, a file path, train or random") from err
+
+
+class ImageClassifierAdapter(ModelAdapter):
+    """Adapter for image classifiers (see the module docstring); it handles any ``nn.Module``."""
+
+    name = "image-classifier"
+
+    def handles(self, model: nn.Module) -> bool:
+        return isinstance(model, nn.Module)
+
+    def example_inputs(self, model: nn.Module, batch: int = 1, device: str | torch.device | None = None) -> torch.Tensor:
+        spec = self.identify(model)
+        if spec is None:
+            raise CompressError("cannot infer the input shape of this model", "pass example_inputs=torch.zeros(1, C, H, W)")
+        if device is None:
+            first = next(model.parameters(), None)
+            device = first.device if first is not None else "cpu"
+        return spec.example_input(batch, device=device)
+
+    def input_spec(self, model: nn.Module) -> InputSpec:
+        return InputSpec(("input",), ("logits",), {"input": {0: "batch"}, "logits": {0: "batch"}})
+
+    def inputs_of(self, batch: Any) -> torch.Tensor:
+        return inputs_of(batch)
+
+    def check_inputs(self, model: nn.Module, inputs: Any) -> None:
+        spec = spec_of(model)
+        if spec is None:
+            return
+        x = inputs
+        if x.dim() != len(spec.input_shape) + 1 or x.shape[1] != spec.input_shape[0]:
+            raise CompressError(f"inputs of shape {tuple(x.shape[1:])} do not fit {spec.arch}, which expects {spec.input_shape}",
+                                "pass data of that shape (e.g. a matching --image-size / channels) or a model built for it")
+
+    def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        first = next(model.parameters())
+        x = inputs
+        return model(x.to(first.device, first.dtype if x.is_floating_point() else x.dtype))
+
+    def never_pruned(self, model: nn.Module) -> list[nn.Module]:
+        return [classifier_layer(model)]
+
+    def round_to(self, model: nn.Module) -> int | None:
+        heads = list(self.attention_heads(model).values())
+        return max(heads) if heads else None
+
+    def attention_heads(self, model: nn.Module) -> dict[str, int]:
+        return {n: m.num_heads for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+    def sync_after_pruning(self, model: nn.Module) -> nn.Module:
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        if isinstance(model, VisionTransformer):
+            model.hidden_dim = model.conv_proj.out_channels
+        return model
+
+    def identify(self, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> ModelSpec | None:
+        """Find the builder that produced an unrecorded ``model`` (same class, same parameter names and shapes);
+        candidates are built on the meta device, so this costs no memory or weight initialisation."""
+        recorded = spec_of(model)
+        if recorded is not None:
+            return recorded
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for arch, kwargs in self._candidates(model):
+            try:
+                with torch.device("meta"):
+                    candidate = builder(arch)(**kwargs)
+            except Exception:  # a builder that rejects these kwargs is simply not a match
+                continue
+            if type(candidate) is type(model) and {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
+                return make_spec(arch, kwargs, input_shape)
+        return None
+
+    @staticmethod
+    def _candidates(model: nn.Module) -> list[tuple[str, dict[str, Any]]]:
+        if isinstance(model, SmallResNet):
+            widths = tuple(stage[0].conv2.out_channels for stage in model.layers)
+            blocks = tuple(len(stage) for stage in model.layers)
+            return [("small_resnet", {"in_channels": model.conv1.in_channels, "num_classes": model.fc.out_features,
+                                      "widths": widths, "blocks": blocks})]
+        if type(model).__module__.startswith("torchvision.models"):
+            classes = num_classes(model)
+            return [(arch, {"num_classes": classes} if classes else {}) for arch in torchvision_archs()]
+        return []
+
+    def rebuild(self, spec: ModelSpec) -> nn.Module:
+        try:
+            model = builder(spec.arch)(**spec.kwargs)
+        except TypeError as err:
+            raise CompressError(f"bad arguments for {spec.arch}: {err}", "check the model kwargs") from err
+        return replay_pruning(model, spec, self.sync_after_pruning)

@@ -1,0 +1,53 @@
+"""Small helpers on ``nn.Module`` that every layer above the core shares (no knowledge of any model family).
+
+* :func:`eval_mode`: a model in eval mode for a block, each submodule's own flag restored afterwards.
+* :func:`weight_layers`: the Conv2d/Linear layers whose weights the toolkit prunes, plans and quantizes.
+* :func:`model_device`, :func:`fingerprint` (structure as caches see it), :func:`set_module` (replace by name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The Conv2d and Linear modules of ``model``, keyed by module name (e.g. ``layers.0.0.conv1``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES)}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; every submodule's own train/eval flag restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without tensors)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def fingerprint(model: nn.Module) -> tuple:
+    """The model's structure as caches see it: parameter names and shapes."""
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``module``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
