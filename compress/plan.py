@@ -24,7 +24,6 @@ from .backends.candidates import FLOAT, FLOAT8, Choice, order, storage_bits
 from .data import CalibrationData, calibration
 from .errors import CompressError
 from .macs import layer_macs
-from .nn_helpers import weight_layers
 from .planning.allocators import ALLOCATION_STRATEGIES, Allocation
 from .planning.costs import CostInputs, make_cost, latency_table_for, restrict_to_timed
 from .planning.hawq import hawq_scores
@@ -146,11 +145,12 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
     _check_float8(candidates, capability)
     backend = backend_for(capability)
     quant = sorted({c for c in candidates if c != FLOAT}, key=order)
-    layers = weight_layers(model)
+    adapter = adapter_for(model)
+    layers = adapter.weight_layers(model)
     notes, excluded, configs, options = _layer_options(layers, quant, candidates, keep_float, backend, group_size,
                                                        mapping)
     if example_inputs is None:
-        example_inputs = adapter_for(model).example_inputs(model)
+        example_inputs = adapter.example_inputs(model)
     macs = layer_macs(model, example_inputs)
     calib = data if isinstance(data, CalibrationData) else calibration(data, calibration_samples, batch_size, seed)
     problem = PlanProblem(model, calib, layers, [n for n in layers if n not in notes], options, configs, backend,

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import inputs_of, labels_of
+from .adapters import adapter_for
+from .data import labels_of
 from .errors import CompressError
 from .fold import BATCHNORMS
 
@@ -28,7 +29,7 @@ def recalibrate_bn(model: nn.Module, data: Iterable[Any], progress: bool = True)
     norms = [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
     if not norms:
         return model
-    device = next(model.parameters()).device
+    adapter = adapter_for(model)
     saved = [(m, m.momentum) for m in norms]
     was_training = model.training
     model.eval()
@@ -39,9 +40,8 @@ def recalibrate_bn(model: nn.Module, data: Iterable[Any], progress: bool = True)
     seen = 0
     try:
         for batch in tqdm(data, desc="bn-recal", unit="batch", disable=not progress, leave=False):
-            x = inputs_of(batch).to(device)
-            model(x)
-            seen += len(x)
+            x = adapter.inputs_of(batch)
+            seen += len(adapter.forward(model, x))
     finally:
         for m, momentum in saved:
             m.momentum = momentum
@@ -61,6 +61,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, step
     if steps < 1:
         return []
     device = next(student.parameters()).device
+    adapter, teacher_adapter = adapter_for(student), adapter_for(teacher)
     torch.manual_seed(seed)
     teacher.eval()
     student.train()
@@ -70,10 +71,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, step
     batches = itertools.cycle(data) if not isinstance(data, torch.Tensor) else itertools.repeat(data)
     for _ in tqdm(range(steps), desc="distill", unit="step", disable=not progress):
         batch = next(batches)
-        x = inputs_of(batch).to(device)
+        x = adapter.inputs_of(batch)
         with torch.no_grad():
-            target = F.log_softmax(teacher(x) / temperature, dim=1)
-        logits = student(x)
+            target = F.log_softmax(teacher_adapter.forward(teacher, x) / temperature, dim=1)
+        logits = adapter.forward(student, x)
         loss = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, log_target=True,
                         reduction="batchmean") * temperature**2
         labels = labels_of(batch)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressError
+from ..nn_helpers import weight_layers
 from .spec import ModelSpec
 
 
@@ -59,6 +60,10 @@ class ModelAdapter:
         raise NotImplementedError
 
     # --- structure ----------------------------------------------------------------------------------------------
+    def weight_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers whose weights are pruned, planned and quantized, by name (default: Conv2d and Linear)."""
+        return weight_layers(model)
+
     def never_pruned(self, model: nn.Module) -> list[nn.Module]:
         """Layers whose outputs are never pruned (classifier, LM head, embeddings)."""
         raise NotImplementedError
