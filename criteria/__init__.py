@@ -2,8 +2,8 @@
 
 Pruning criteria are torch-pruning ``Importance`` objects, usable by every torch-pruning pruner:
 
-* ``criteria.names()``: the registered names (jbr, jbr-mac, jbr-batch, jacobian, l1, l2, taylor, hessian, bn,
-  fpgm, lamp, random); ``criteria.describe()``: one line each; ``criteria.uses_data(name)``.
+* ``criteria.names()``: the registered names (built in: jbr, jbr-mac, jbr-batch, jacobian, l1, l2, taylor,
+  hessian, bn, fpgm, lamp, random); ``criteria.describe()``: one line each; ``criteria.uses_data(name)``.
 * ``criteria.get(name, data=None, **options)``: the Importance; ``data`` (calibration batches, inputs or
   (input, label); same samples in the same order every time) goes to the criteria that use it. Unknown name:
   ``CompressError`` listing the names.
@@ -14,10 +14,24 @@ Pruning criteria are torch-pruning ``Importance`` objects, usable by every torch
   the passes again, so: either give ``data`` to ``get`` and just run the pruner, or call ``prepare`` before each
   ``pruner.step()``; both re-score every step at the cost of one pass. JBR's dense targets m(x) are frozen at
   the first pass.
+* ``criteria.needs_labels(name)``: whether its calibration batches must be (input, label) (``jacobian``);
+  ``criteria.NEEDS_LABELS``: those names, as a live read-only set.
+* ``criteria.register(name, factory, description="", *, uses_data=False, needs_labels=False, overwrite=False)``:
+  add your own criterion. ``names``, ``describe``, ``get``, ``uses_data`` and ``needs_labels`` see it, so
+  ``compress.prune(..., criterion=name)`` (or a recipe run in the same Python process) can use it.
+  ``factory(**options)``, or ``factory(data, **options)`` when ``uses_data``, must return a torch-pruning
+  ``Importance`` (``get`` checks); one that learns from calibration data subclasses
+  :class:`criteria.calibrated.CalibratedImportance` (implement ``_calibrate`` and ``score``). A name already
+  registered (built-ins included) is replaced only with ``overwrite=True``; otherwise ``CompressError``::
+
+      def l1_sum(**options):
+          return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="sum", **options)
+
+      criteria.register("l1-sum", l1_sum, "group L1 norm, summed over coupled layers")
 
 TPV estimates live in ``criteria.tpv``, the quantization-noise model and HAWQ-V2 in ``criteria.qnoise``.
 """
 
-from .registry import NEEDS_LABELS, describe, get, names, prepare, uses_data
+from .registry import NEEDS_LABELS, describe, get, names, needs_labels, prepare, register, uses_data
 
-__all__ = ["NEEDS_LABELS", "describe", "get", "names", "prepare", "uses_data"]
+__all__ = ["NEEDS_LABELS", "describe", "get", "names", "needs_labels", "prepare", "register", "uses_data"]

@@ -30,7 +30,6 @@ softmax, samples × classes float32 (4 MB). During a pass, one batch's autograd 
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Iterable, Literal
 
 import torch
@@ -40,24 +39,14 @@ from torch import Tensor, nn
 
 from compress.data import inputs_of, labels_of
 from compress.errors import CompressError
+from compress.macs import layer_macs
+from compress.nn_helpers import fingerprint, model_device  # fingerprint: also re-exported as criteria.jbr.fingerprint
+
+from .calibrated import CalibratedImportance  # re-exported: criteria.jbr.CalibratedImportance
 
 Target = Literal["predicted", "softmax"]
 NORMS = (nn.modules.batchnorm._BatchNorm,)
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
-
-
-def fingerprint(model: nn.Module) -> tuple:
-    """The model's structure as the caches see it: parameter names and shapes."""
-    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model without tensors)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def is_out_channel_pruning(dep: Any) -> bool:
@@ -85,74 +74,6 @@ def _gate_shape(module: nn.Module, out: Tensor) -> tuple[int, ...]:
     if isinstance(module, nn.Linear):
         return (out.shape[0],) + (1,) * (out.dim() - 2) + (out.shape[-1],)
     return tuple(out.shape[:2]) + (1,) * (out.dim() - 2)
-
-
-class CalibratedImportance(tp.importance.Importance):
-    """An Importance whose statistics come from passes over calibration ``data``, cached per model structure.
-
-    ``imp(group)`` takes the model from the group's dependency graph (``group._DG.model``, set by torch-pruning on
-    every group) and recomputes the statistics only when that model's :func:`fingerprint` differs from the last
-    pass. ``prepare(model, data)`` binds ``data`` (if not given at construction) and runs the pass now.
-    Subclasses implement ``_calibrate`` (the passes), ``score`` (one group) and optionally ``_apply`` (hand the
-    statistics to a model object, e.g. as ``.grad``; run again for a structurally equal copy).
-    """
-
-    def __init__(self, data: Iterable[Any] | None = None) -> None:
-        self.data = data
-        self._fingerprint: tuple | None = None
-        self._model: weakref.ref | None = None  # the last model prepared or scored
-        self._applied: weakref.ref | None = None  # the model _apply last ran on
-
-    def prepare(self, model: nn.Module, data: Iterable[Any] | None = None,
-                graph: tp.DependencyGraph | None = None) -> None:
-        """Run the calibration passes on ``model`` now, unless its structure is unchanged since the last pass."""
-        if data is not None and data is not self.data:
-            self.data, self._fingerprint = data, None
-        self._refresh(model, graph)
-
-    def invalidate(self) -> None:
-        """Recompute at the next scoring even if the structure is unchanged (e.g. after fine-tuning)."""
-        self._fingerprint = None
-
-    def __call__(self, group: Any) -> Tensor | None:
-        graph = getattr(group, "_DG", None)
-        model = getattr(graph, "model", None)
-        if model is None and self._model is not None:
-            model = self._model()
-        if model is None:
-            raise CompressError(f"{type(self).__name__} cannot tell which model this group belongs to",
-                                "score groups from a tp.DependencyGraph, or call criteria.prepare(importance, model, data)")
-        self._refresh(model, graph)
-        return self.score(group)
-
-    def _refresh(self, model: nn.Module, graph: tp.DependencyGraph | None) -> None:
-        self._model = weakref.ref(model)
-        current = fingerprint(model)
-        if current != self._fingerprint:
-            if self.data is None:
-                raise CompressError(f"{type(self).__name__} has no calibration data",
-                                    "construct it with data=..., or call criteria.prepare(importance, model, data) "
-                                    "before pruner.step()")
-            was_training = model.training
-            model.eval()
-            try:
-                with torch.enable_grad():
-                    self._calibrate(model, self.data, graph)
-            finally:
-                model.train(was_training)
-            self._fingerprint, self._applied = current, None
-        if self._applied is None or self._applied() is not model:
-            self._apply(model)
-            self._applied = weakref.ref(model)
-
-    def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
-        raise NotImplementedError
-
-    def _apply(self, model: nn.Module) -> None:
-        """Hand the cached statistics to ``model`` (nothing to hand over by default)."""
-
-    def score(self, group: Any) -> Tensor | None:
-        raise NotImplementedError
 
 
 class GateImportance(CalibratedImportance):
@@ -319,8 +240,6 @@ class JBRPerMACImportance(JBRImportance):
     """JBR per MAC saved: E_x[(m(x)ᵀ J_g(x) w_g)²] / ΔMACs_g, so a global ranking weighs damage against cost."""
 
     def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
-        from compress.plan import layer_macs
-
         super()._calibrate(model, data, graph)
         self.layer_macs = layer_macs(model, self.example_input)
 

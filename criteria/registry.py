@@ -1,16 +1,20 @@
 """One registry of pruning criteria by name; each is a torch-pruning Importance, so every pruner can use it.
 
-Criteria that need data (``Criterion.uses_data``) are :class:`~criteria.jbr.CalibratedImportance` objects: they
-take calibration ``data`` at construction or through :func:`prepare`, run their passes when a group of a model
+Criteria that need data (``Criterion.uses_data``) are :class:`~criteria.calibrated.CalibratedImportance` objects:
+they take calibration ``data`` at construction or through :func:`prepare`, run their passes when a group of a model
 with a new structure is scored, and cache the result per structure. The gradient baselines are label-free:
 ``taylor`` uses the gradient of the cross-entropy against the model's own predicted classes, ``hessian`` the mean
 of its per-sample squared gradients (OBD with the Fisher diagonal). Magnitude criteria need nothing.
+
+:func:`register` adds a criterion from outside the toolkit; every lookup here (``names``, ``describe``, ``get``,
+``uses_data``, ``needs_labels``, ``NEEDS_LABELS``) sees it at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +23,10 @@ from torch import Tensor, nn
 
 from compress.data import inputs_of
 from compress.errors import CompressError
+from compress.nn_helpers import model_device
 
-from .jbr import (CalibratedImportance, JacobianImportance, JBRBatchImportance, JBRImportance, JBRPerMACImportance,
-                  model_device)
+from .calibrated import CalibratedImportance
+from .jbr import JacobianImportance, JBRBatchImportance, JBRImportance, JBRPerMACImportance
 
 PER_SAMPLE_FLOATS = 1 << 26  # per-sample gradients held at once by the hessian pass (256 MB of float32)
 
@@ -136,7 +141,8 @@ class HessianImportance(_GradientStatistic, tp.importance.GroupHessianImportance
 
 @dataclass(frozen=True)
 class Criterion:
-    """A registry entry: ``make(**options)`` builds the Importance; ``uses_data``: it also takes ``data=``."""
+    """A registry entry: ``make(**options)`` builds the Importance; ``uses_data``: it is called as
+    ``make(data, **options)``; ``needs_labels``: its calibration batches must be (input, label)."""
 
     make: Callable[..., tp.importance.Importance]
     description: str
@@ -161,7 +167,49 @@ _REGISTRY: dict[str, Criterion] = {
     "lamp": Criterion(tp.importance.LAMPImportance, "layer-adaptive magnitude pruning"),
     "random": Criterion(tp.importance.RandomImportance, "uniformly random scores"),
 }
-NEEDS_LABELS = frozenset(n for n, c in _REGISTRY.items() if c.needs_labels)
+
+
+class _NeedsLabels(Set):
+    """The names of the criteria whose calibration batches need labels: a read-only live view of the registry, so
+    ``name in NEEDS_LABELS`` also sees criteria registered after it was imported."""
+
+    def __contains__(self, name: object) -> bool:
+        entry = _REGISTRY.get(name) if isinstance(name, str) else None
+        return entry is not None and entry.needs_labels
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([n for n, c in _REGISTRY.items() if c.needs_labels])
+
+    def __len__(self) -> int:
+        return sum(c.needs_labels for c in _REGISTRY.values())
+
+    def __repr__(self) -> str:
+        return f"NEEDS_LABELS({sorted(self)})"
+
+
+NEEDS_LABELS: Set[str] = _NeedsLabels()
+
+
+def register(name: str, factory: Callable[..., tp.importance.Importance], description: str = "", *,
+             uses_data: bool = False, needs_labels: bool = False, overwrite: bool = False) -> None:
+    """Add criterion ``name``: ``factory(**options)`` (``factory(data, **options)`` when ``uses_data``) returns a
+    torch-pruning ``Importance``, e.g. a :class:`~criteria.calibrated.CalibratedImportance` subclass for one that
+    learns from calibration data. ``needs_labels``: its calibration batches must be (input, label) (implies
+    ``uses_data``). A name already registered (built-ins included) is replaced only with ``overwrite=True``."""
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise CompressError(f"criterion name {name!r} must be a non-empty string without surrounding spaces",
+                            "pass a name such as 'my-criterion'")
+    if not callable(factory):
+        raise CompressError(f"criterion {name!r}: the factory {factory!r} is not callable",
+                            "pass an Importance class or a function returning a torch-pruning Importance")
+    if needs_labels and not uses_data:
+        raise CompressError(f"criterion {name!r} needs labels but does not use data",
+                            "register it with uses_data=True as well")
+    if name in _REGISTRY and not overwrite:
+        raise CompressError(f"criterion {name!r} is already registered",
+                            "choose another name, or pass overwrite=True to replace it")
+    _REGISTRY[name] = Criterion(factory, " ".join(str(description).split()), uses_data=uses_data,
+                                needs_labels=needs_labels)
 
 
 def names() -> list[str]:
@@ -179,6 +227,11 @@ def uses_data(name: str) -> bool:
     return _entry(name).uses_data
 
 
+def needs_labels(name: str) -> bool:
+    """Whether criterion ``name`` needs labelled calibration batches, (input, label)."""
+    return _entry(name).needs_labels
+
+
 def _entry(name: str) -> Criterion:
     if name not in _REGISTRY:
         raise CompressError(f"unknown criterion {name!r}", f"use one of {', '.join(_REGISTRY)}")
@@ -190,9 +243,13 @@ def get(name: str, data: Iterable[Any] | None = None, **options: Any) -> tp.impo
     others), ``options`` to its constructor (e.g. ``target="softmax"`` for jbr, ``confidence`` for jbr-batch)."""
     entry = _entry(name)
     try:
-        return entry.make(data, **options) if entry.uses_data else entry.make(**options)
+        importance = entry.make(data, **options) if entry.uses_data else entry.make(**options)
     except TypeError as err:
         raise CompressError(f"bad options for criterion {name}: {err}", "check the criterion's options") from err
+    if not isinstance(importance, tp.importance.Importance):
+        raise CompressError(f"criterion {name!r} built a {type(importance).__name__}, not a torch-pruning Importance",
+                            "make its factory return a torch_pruning.importance.Importance (e.g. a subclass)")
+    return importance
 
 
 def prepare(importance: tp.importance.Importance, model: nn.Module, data: Iterable[Any] | None = None) -> None:

@@ -8,7 +8,6 @@ itself is measured by Monte Carlo for a concrete perturbation (noise, real quant
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
@@ -19,6 +18,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from compress.data import iter_inputs
 from compress.errors import CompressError
+from compress.nn_helpers import eval_mode, weight_layers  # re-exported: criteria.tpv.eval_mode, .weight_layers
 
 Estimator = Literal["single", "batched"]
 # A perturbation maps (parameter name, w*, generator) to δw, or None to leave that parameter alone.
@@ -26,11 +26,6 @@ Perturbation = Callable[[str, Tensor, torch.Generator], "Tensor | None"]
 
 
 # --- shared helpers (also used by criteria.qnoise) -------------------------------------------------------------
-
-def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The Conv2d and Linear modules of ``model``, keyed by module name (e.g. ``layers.0.0.conv1``)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
 
 def select_params(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, Tensor]:
     """Parameters by name; default: the weights of all Conv2d/Linear layers (``<layer>.weight``)."""
@@ -41,18 +36,6 @@ def select_params(model: nn.Module, names: Sequence[str] | None = None) -> dict[
     if missing:
         raise CompressError(f"model has no parameter {', '.join(missing)}", "pass names from model.named_parameters()")
     return {n: params[n] for n in names}
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode inside the block; every submodule's own train/eval flag restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def model_inputs(model: nn.Module, data: Iterable[Any], num_samples: int | None = None) -> Iterator[Tensor]:

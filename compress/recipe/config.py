@@ -20,7 +20,17 @@ from typing import Any, Mapping, Sequence
 from ..errors import CompressError
 from ..plan import ALLOCATORS, PREDICTORS
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+def _recipes_dir() -> Path:
+    """The shipped recipes: ``compress/recipes/`` in an installed wheel (the top-level recipes/ folder, shipped as
+    package data, see setup.py), else the source checkout's top-level ``recipes/`` (editable install, or the
+    checkout on sys.path)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "recipes"
+    return installed if installed.is_dir() else package.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 @dataclass(frozen=True)
