@@ -48,7 +48,7 @@ def installed(tmp_path_factory) -> Path:
     src.mkdir()
     for path in ROOT.iterdir():
         if path.is_file():
-            shutil.copy2(path, src / path.name)  # pyproject.toml, setup.py, README.md, ...
+            shutil.copy2(path, src / path.name)  # pyproject.toml, README.md, ...
     for name in SOURCE_DIRS:
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",

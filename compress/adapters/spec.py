@@ -16,6 +16,7 @@ from torch import nn
 SPEC_ATTR = "compress_spec"
 IMAGENET_INPUT_SHAPE = (3, 224, 224)
 HistoryEntry = tuple[str, bool, tuple[int, ...]]
+DEFAULT_ADAPTER = "image-classifier"
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,15 @@ class ModelSpec:
     weights: str = "random"
     pruning_history: tuple[HistoryEntry, ...] = ()
     quantization: dict[str, Any] | None = None
-    adapter: str = "image-classifier"
+    adapter: str = DEFAULT_ADAPTER
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain lists, dicts, strings and numbers: loadable with ``torch.load(weights_only=True)``."""
+        """Plain lists, dicts, strings and numbers: loadable with ``torch.load(weights_only=True)``. The adapter is
+        recorded only when it is not the default image classifier, so specs (and training-cache keys) of image
+        models read as they did before adapters existed."""
         d = asdict(self)
+        if self.adapter == DEFAULT_ADAPTER:
+            del d["adapter"]
         d["input_shape"] = list(self.input_shape)
         d["kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.kwargs.items()}
         d["pruning_history"] = [[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in self.pruning_history]
@@ -49,7 +54,7 @@ class ModelSpec:
                    input_shape=tuple(int(s) for s in d["input_shape"]), weights=str(d.get("weights", "random")),
                    pruning_history=tuple((str(n), bool(o), tuple(int(i) for i in idx))
                                          for n, o, idx in d.get("pruning_history") or ()),
-                   quantization=d.get("quantization"), adapter=str(d.get("adapter", "image-classifier")))
+                   quantization=d.get("quantization"), adapter=str(d.get("adapter", DEFAULT_ADAPTER)))
 
     def example_input(self, batch: int = 1, device: str | torch.device = "cpu") -> torch.Tensor:
         return torch.zeros(batch, *self.input_shape, device=device)
