@@ -29,6 +29,7 @@ from .planning.costs import CostInputs, make_cost, latency_table_for, restrict_t
 from .planning.hawq import hawq_scores
 from .planning.predictors import PREDICTORS as PREDICTOR_STRATEGIES, PlanProblem, Scores
 from .planning.types import BitPlan, Budget, LayerBits
+from .validation import check_calibration, check_finite_weights
 
 Allocator = Literal["tpv", "hawq", "uniform", "random"]
 # allocator name -> (allocation strategy, objective: "tpv" the predictor's TPV, "hawq" the HAWQ-V2 score, None)
@@ -141,6 +142,7 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
     ``Budget(latency=ms)`` uses ``latency_table`` (a :class:`compress.layer_latency.LatencyTable`) or measures one.
     """
     _check_names(allocator, predictor, candidates)
+    check_finite_weights(model)
     target, capability = _target(device, capability)
     _check_float8(candidates, capability)
     backend = backend_for(capability)
@@ -153,6 +155,7 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
         example_inputs = adapter.example_inputs(model)
     macs = layer_macs(model, example_inputs)
     calib = data if isinstance(data, CalibrationData) else calibration(data, calibration_samples, batch_size, seed)
+    check_calibration(model, calib, example_inputs)
     problem = PlanProblem(model, calib, layers, [n for n in layers if n not in notes], options, configs, backend,
                           probes, seed)
     tpv = _predicted(problem, predictor)

@@ -31,6 +31,7 @@ from .data import CalibrationData, calibration
 from .errors import CompressError
 from .macs import count_macs_params
 from .recover import recalibrate_bn
+from .validation import check_calibration, check_finite_weights
 
 
 
@@ -268,6 +269,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
                                  criterion_options=criterion_options, max_bisections=max_bisections,
                                  recalibrate=recalibrate, progress=progress)
     start = time.perf_counter()
+    check_finite_weights(model)
     dense = model
     model = copy.deepcopy(model).eval()
     spec = identify(dense)
@@ -276,6 +278,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
     example = (adapter.example_inputs(dense) if example_inputs is None else example_inputs)[:1].to(device)
     name = criterion_name(criterion)
     calib = _calibration(data, criterion, calibration_samples, batch_size, seed)
+    check_calibration(model, calib, example)
     before = count_macs_params(model, example)
     metric_index = 0 if target.metric == "macs" else 1
     run = _Run(name, make_importance(criterion, criterion_options), calib, example,
@@ -286,7 +289,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
     step_log: list[dict[str, float]] = []
     current = 1.0
     bar = tqdm(total=steps, desc=f"prune[{name}]", unit="step", disable=not progress)
-    for k in range(1, steps + 1):
+    for k in range(1, steps + 1 if target.fraction < 1.0 else 1):  # a target of 1.0 means "no pruning"
         goal = target.fraction ** (k / steps)
         best = _bisect(run, model, goal, current)
         if best is None:
@@ -311,7 +314,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
         attach_spec(model, with_history(spec, history))
     layers = [LayerWidth(n, w, widths_after.get(n, 0)) for n, w in widths_before.items()]
     return PruneResult(model, history, name, target, before[0], after[0], before[1], after[1], layers,
-                       steps, time.perf_counter() - start, step_log)
+                       len(step_log), time.perf_counter() - start, step_log)
 
 
 LATENCY_ROUNDS = 4  # MACs fractions tried by the latency search
