@@ -22,7 +22,7 @@ from compress.data import inputs_of, labels_of
 from compress.errors import CompressError
 from compress.evaluate import predict
 
-from .onnx_export import METADATA_PREFIX
+from .onnx_graph import METADATA_PREFIX
 
 __all__ = ["CheckReport", "check", "open_session"]
 

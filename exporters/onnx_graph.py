@@ -1,0 +1,103 @@
+"""The float ONNX graph: example tensor, ``torch.onnx.export(dynamo=True)`` with a dynamic batch dimension,
+``compress.*`` metadata, and an atomic save (one file below 2 GiB, else external data beside it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from compress.adapters.spec import spec_of
+from compress.atomic import atomic_path, refuse_existing
+from compress.errors import CompressError
+from compress.version import __version__
+
+MIN_OPSET = 21
+SINGLE_FILE_LIMIT_BYTES = 2**31 - 2**26  # protobuf's 2 GiB limit, less room for the graph itself
+METADATA_PREFIX = "compress."
+
+
+def example_tensor(example_inputs: Any) -> torch.Tensor:
+    """One float32 CPU example batch of at least 2 samples (batch 1 would be specialised, not dynamic)."""
+    if isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 1:
+        example_inputs = example_inputs[0]
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
+        raise CompressError("export_onnx needs one example input tensor of shape (batch, C, ...)",
+                            "pass e.g. torch.zeros(1, 3, 224, 224)")
+    x = example_inputs.detach().float().cpu()
+    return torch.cat([x, x]) if x.shape[0] < 2 else x
+
+
+def export_graph(model: nn.Module, example: torch.Tensor, opset: int) -> ir.Model:
+    """torch.onnx dynamo export with a dynamic batch dimension, ``input`` -> ``logits``."""
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError as err:
+        raise CompressError(f"the model rejects the example input of shape {tuple(example.shape)}: {str(err).splitlines()[0][:160]}",
+                            "pass an example input of the shape the model was built for") from err
+    try:
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=["input"],
+                                    output_names=["logits"], dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+                                    optimize=True, verbose=False)
+    except Exception as err:  # torch.export / onnx translation raise many types
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise CompressError(f"torch.onnx.export (dynamo) failed on {type(model).__name__}: {type(err).__name__}: {first}",
+                            "make the model traceable by torch.export (no data-dependent Python control flow)") from err
+    if program is None:
+        raise CompressError("torch.onnx.export returned no program", "upgrade torch to >= 2.11")
+    return program.model
+
+
+def source_arch(model: nn.Module) -> str:
+    """The architecture name recorded in the model's spec, else its class name."""
+    spec = spec_of(model)
+    return spec.arch if spec is not None else type(model).__name__
+
+
+def metadata_props(model: nn.Module, example: torch.Tensor, weights: str, activations: str,
+                   bits: Mapping[str, int], extra: Mapping[str, Any] | None) -> dict[str, str]:
+    """The file's metadata_props: ``extra`` (non-strings as JSON) plus ``compress.*`` (version, source arch, input
+    shape, weight and activation formats, bits per layer)."""
+    props = {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+             for k, v in (extra or {}).items()}
+    props.update({
+        f"{METADATA_PREFIX}version": __version__,
+        f"{METADATA_PREFIX}source_arch": source_arch(model),
+        f"{METADATA_PREFIX}input_shape": json.dumps(list(example.shape[1:])),
+        f"{METADATA_PREFIX}weights": weights,
+        f"{METADATA_PREFIX}activations": activations,
+        f"{METADATA_PREFIX}weight_bits": json.dumps(dict(bits), sort_keys=True),
+    })
+    return props
+
+
+def save(model: ir.Model | onnx.ModelProto, path: Path, overwrite: bool,
+         single_file_limit: int = SINGLE_FILE_LIMIT_BYTES) -> tuple[int, Path | None]:
+    """Write atomically: one file when the weights are below ``single_file_limit`` bytes, else the ONNX file plus
+    ``<name>.data`` beside it. Returns (bytes written, the external data file or None)."""
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if weight_bytes < single_file_limit:
+        with atomic_path(path, overwrite) as tmp:
+            ir.save(model, tmp, format="protobuf")
+            onnx.checker.check_model(str(tmp))
+        return path.stat().st_size, None
+    data_path = path.with_name(path.name + ".data")
+    refuse_existing(path, overwrite)
+    with atomic_path(data_path, overwrite) as tmp_data, atomic_path(path, overwrite) as tmp_model:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as staging:
+            staged = Path(staging) / path.name
+            ir.save(model, staged, format="protobuf", external_data=data_path.name)
+            onnx.checker.check_model(str(staged))
+            os.replace(Path(staging) / data_path.name, tmp_data)
+            os.replace(staged, tmp_model)
+    return path.stat().st_size + data_path.stat().st_size, data_path
