@@ -139,13 +139,19 @@ def synthetic(n: int = 64, shape: tuple[int, ...] = (1, 28, 28), num_classes: in
     return TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g))
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def loader(dataset: Dataset, batch_size: int = 128, *, shuffle: bool = False, seed: int = 0,
            drop_last: bool = False, workers: int = 0) -> DataLoader:
-    """A DataLoader whose order depends only on ``seed``; ``workers`` decode images in parallel (image folders)."""
+    """A DataLoader whose order depends only on ``seed``; ``workers`` decode images in parallel (image folders),
+    at most one per available core (more only make the DataLoader warn and thrash)."""
     batched = _fetches_batches(dataset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      generator=torch.Generator().manual_seed(seed),
-                      collate_fn=_collate_batched if batched else None, num_workers=0 if batched else workers)
+                      generator=torch.Generator().manual_seed(seed), collate_fn=_collate_batched if batched else None,
+                      num_workers=0 if batched else min(workers, available_cores()))
 
 
 def inputs_of(batch: Any) -> torch.Tensor:

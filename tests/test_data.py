@@ -105,3 +105,17 @@ def test_image_folder_errors(tmp_path):
         image_folder(tmp_path / "nope")
     with pytest.raises(CompressError, match="not an image folder"):
         image_folder(tmp_path)
+
+
+def test_loader_workers_never_exceed_the_cores(tmp_path):
+    import warnings
+
+    from compress.data import available_cores
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        _write_png(tmp_path / c / "x.png", 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the DataLoader warns when asked for more workers than cores
+        batches = list(loader(image_folder(tmp_path, None, image_size=32), 2, workers=available_cores() + 6))
+    assert len(batches) == 1 and loader(image_folder(tmp_path, None, image_size=32), 2, workers=64).num_workers <= available_cores()
