@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
+from ..output import machine, markdown_table, save_figure, write_json
 from ..recipe.config import (CheckSection, DataSection, ExportSection, ModelSection, PruneSection, QuantizeSection,
                              Recipe, RecoverSection)
 from ..recipe.report import rows
 from ..recipe.runner import run_recipe
-from .output import machine, markdown_table, save_figure, write_json
+from ..recipe.variants import Variant
 
-VARIANTS = {"dense": "dense fp32", "recovered": "pruned fp32", "quantized": "pruned + mixed weight-only",
-            "int8": "pruned + int8 QDQ"}
+# the recipe variants this benchmark compares, and how its table names them
+VARIANTS = {Variant.DENSE: "dense fp32", Variant.RECOVERED: "pruned fp32", Variant.QUANTIZED: "pruned + mixed weight-only",
+            Variant.INT8: "pruned + int8 QDQ"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         recipe = _recipe(name, args)
         run_ = run_recipe(recipe, out / f"deploy-{name}", overwrite=True, progress=False)
         by_key = {r["variant"]: r for r in rows(run_.report)}
-        dense = by_key["dense"]
+        dense = by_key[Variant.DENSE]
         for key, label in VARIANTS.items():
             r = by_key.get(key)
             if r is None:

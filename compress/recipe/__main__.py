@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import CompressError
+from .config import list_recipes, load_recipe
+from .runner import run_recipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +49,6 @@ def _values(args: argparse.Namespace) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .config import list_recipes, load_recipe
-    from .runner import run_recipe
-
     args = build_parser().parse_args(argv)
     try:
         if args.list:

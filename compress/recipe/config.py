@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..backends.candidates import Choice, parse_candidate
 from ..errors import CompressError
 from ..plan import ALLOCATORS, PREDICTORS
 
@@ -85,9 +86,26 @@ class QuantizeSection:
     bytes: float | None = None
     bops: float | None = None
     latency: float | None = None  # ms of the int8 QDQ file at batch 1, from a per-layer table measured here
-    candidates: list[int] = field(default_factory=lambda: [4, 8, 16])
+    candidates: list[int | str] = field(default_factory=lambda: [4, 8, 16])  # bits 1..8, 16 or "float", "float8"
     group_size: int | None = None
     calibration_samples: int = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", parse_candidates(self.candidates))
+
+
+def parse_candidates(values: Sequence[Any]) -> list[Choice]:
+    """``quantize.candidates`` as plan candidates (compress.backends.candidates.parse_candidate: "float" -> 16,
+    "float8" stays); an empty list or a value that is no candidate is a one-line CompressError naming the key."""
+    if not values:
+        raise CompressError("quantize.candidates is empty", "e.g. --set quantize.candidates=[4,8,16]")
+    out = []
+    for i, value in enumerate(values):
+        try:
+            out.append(parse_candidate(value))
+        except CompressError as err:
+            raise CompressError(f"quantize.candidates[{i}]: {err.problem}", err.fix) from None
+    return out
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
-from ..bench.output import markdown_table, save_figure
-
-VARIANT_LABELS = {"dense": "dense fp32", "pruned": "pruned (no recovery)", "recovered": "pruned + recovered fp32",
-                  "quantized": "pruned + quantized (model.onnx)", "final": "final fp32 (model.onnx)",
-                  "int8": "int8 activations (model_int8.onnx)"}
+from ..output import markdown_table, save_figure
+from .variants import Variant
 
 
 def _pct(value: float | None) -> str:
@@ -27,14 +24,14 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per variant: torch-side accuracy, ONNX-side size/latency/accuracy where the variant was exported."""
     out = []
     variants, checks, files = report["variants"], report["checks"], report["files"]
-    for key in ("dense", "pruned", "recovered", "quantized", "final", "int8"):
+    for key in Variant:
         if key not in variants and key not in checks:
             continue
         v = variants.get(key, {})
         ch = checks.get(key)
         top1 = ch["top1"] if ch and ch.get("top1") is not None else v.get("top1")
         agree = ch["dense_agreement"] if ch and ch.get("dense_agreement") is not None else v.get("dense_agreement")
-        out.append({"variant": key, "label": VARIANT_LABELS[key], "top1": top1, "dense_agreement": agree,
+        out.append({"variant": key.value, "label": key.label, "top1": top1, "dense_agreement": agree,
                     "macs": v.get("macs", report["final"]["macs"]), "params": v.get("params", report["final"]["params"]),
                     "size_bytes": files.get(key, {}).get("size_bytes"), "latency_b1": _ms(ch, 1),
                     "latency_b32": _ms(ch, 32), "onnx": files.get(key, {}).get("path")})
@@ -75,7 +72,7 @@ def markdown(report: dict[str, Any]) -> str:
               f"latency b1 ≤ {c['max_latency_ms']} ms (None: not checked)", ""]
     for key, ch in report["checks"].items():
         rel = "–" if ch["rel_diff"] is None else f"{ch['rel_diff']:.1e}"
-        lines.append(f"- `{ch['path'].split('/')[-1] if key != 'dense' else 'dense fp32 (not kept)'}`: agreement with "
+        lines.append(f"- `{ch['path'].split('/')[-1] if key != Variant.DENSE else 'dense fp32 (not kept)'}`: agreement with "
                      f"its source {_pct(ch['reference_agreement'])}%, relative diff {rel}"
                      f"{'' if ch['parity_checked'] else ' (parity not checked)'}")
     prune = report["prune"]
@@ -92,7 +89,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{', '.join(f'{k}={v}' for k, v in plan['budget'].items() if k in ('avg_bits', 'bytes', 'bops') and v)}, average "
                   f"{plan['avg_bits']:.2f} bits over the layers it chose for ({plan['avg_bits_all']:.2f} over all), "
                   f"predicted TPV {plan['predicted_tpv']:.4g}.", ""]
-        int8 = report["checks"].get("int8")
+        int8 = report["checks"].get(Variant.INT8)
         if plan.get("predicted_latency_ms") is not None:
             measured = (int8 or {}).get("latency_ms", {}).get("1")
             lines += [f"Latency budget: the per-layer table predicts {plan['predicted_latency_ms']:.3f} ms for the int8 "
@@ -112,7 +109,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"- `{n}`: {r}" for n, r in constrained.items()] or ["- none"]
     lines += ["", "## Stage timings (s)", "", markdown_table(["stage", "seconds"],
                                                             [[k, f"{v:.1f}"] for k, v in report["stage_seconds"].items()])]
-    lines += ["Files: " + ", ".join(f"`{f['path']}`" for k, f in report["files"].items() if k != "dense")
+    lines += ["Files: " + ", ".join(f"`{f['path']}`" for k, f in report["files"].items() if k != Variant.DENSE)
               + ", `pruned.pt`" + (", `quantized.pt`" if plan else "") + " (load with `compress.load`), `report.json`, "
               "`pareto.png`, `bits.png`.", ""]
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
