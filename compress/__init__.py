@@ -16,13 +16,14 @@ it loads each name lazily on first use, so ``import compress.errors`` loads noth
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from .version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {
-    "data": "compress.data",
     "CompressError": "compress.errors",
     "load": "compress.checkpoint", "save": "compress.checkpoint",
     "accuracy": "compress.evaluate", "agreement": "compress.evaluate", "compare": "compress.evaluate",
@@ -33,18 +34,33 @@ _EXPORTS = {
     "distill": "compress.recover", "recalibrate_bn": "compress.recover",
     "check": "exporters.check",
 }
+_MODULES = {"data": "compress.data"}  # public names that are modules
+# functions named like the submodule that defines them: importing compress.prune must not replace the function
+_SHADOWED = frozenset(n for n, m in _EXPORTS.items() if m == f"{__name__}.{n}")
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted({*_EXPORTS, *_MODULES}) + ["__version__"]
+
+
+class _Facade(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return  # the import system records the submodule here; the public name stays the function
+        super().__setattr__(name, value)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
         raise AttributeError(f"module 'compress' has no attribute {name!r}")
-    module = importlib.import_module(_EXPORTS[name])
-    value = module if _EXPORTS[name] == f"compress.{name}" else getattr(module, name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+sys.modules[__name__].__class__ = _Facade
