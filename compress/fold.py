@@ -20,7 +20,7 @@ from .errors import CompressError
 from .nn_helpers import set_module
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-__all__ = ["BATCHNORMS", "fold_batchnorm", "foldable_pairs", "folded_norm", "set_module"]
+__all__ = ["BATCHNORMS", "fold_batchnorm", "fold_pair", "foldable_pairs", "folded_norm", "set_module"]
 
 
 class _NormLeafTracer(fx.Tracer):
@@ -69,12 +69,19 @@ def folded_norm(norm: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def fold_pair(model: nn.Module, layer_name: str, norm_name: str) -> tuple[nn.Module, nn.Module]:
+    """Fold BatchNorm ``norm_name`` into ``layer_name`` in place; returns (the fused layer, the BatchNorm it absorbed)."""
+    layer, norm = model.get_submodule(layer_name), model.get_submodule(norm_name)
+    fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
+    fused = fuse(layer, norm)
+    set_module(model, layer_name, fused)
+    set_module(model, norm_name, folded_norm(norm))
+    return fused, norm
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) with every foldable BatchNorm folded into its producer."""
     folded = copy.deepcopy(model).eval()
     for layer_name, norm_name in foldable_pairs(folded):
-        layer, norm = folded.get_submodule(layer_name), folded.get_submodule(norm_name)
-        fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
-        set_module(folded, layer_name, fuse(layer, norm))
-        set_module(folded, norm_name, folded_norm(norm))
+        fold_pair(folded, layer_name, norm_name)
     return folded

@@ -17,12 +17,10 @@ import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from compress.backends import torchao_bits
 from compress.errors import CompressError
-from compress.fold import foldable_pairs
-from compress.nn_helpers import set_module
+from compress.fold import fold_pair, foldable_pairs
 
 from .result import LAYER_TYPES, Container, PackedLayer
 
@@ -180,15 +178,11 @@ def fold_batchnorm_in_place(model: nn.Module, packs: dict[str, QuantizedWeight])
     """
     into_scales = []
     for layer_name, norm_name in foldable_pairs(model):
-        layer, norm = model.get_submodule(layer_name), model.get_submodule(norm_name)
-        fuse = fuse_linear_bn_eval if isinstance(layer, nn.Linear) else fuse_conv_bn_eval
-        fused = fuse(layer, norm)
+        fused, norm = fold_pair(model, layer_name, norm_name)
         if layer_name in packs:
             packs[layer_name] = _rescaled(packs[layer_name], norm.weight * torch.rsqrt(norm.running_var + norm.eps), layer_name)
             fused.weight = nn.Parameter(packs[layer_name].dequantized.clone(), requires_grad=False)
             into_scales.append(norm_name)
-        set_module(model, layer_name, fused)
-        set_module(model, norm_name, nn.Identity())
     return into_scales
 
 
