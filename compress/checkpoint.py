@@ -24,6 +24,7 @@ from .atomic import atomic_path
 from .backends import reload_device
 from .errors import CompressError
 from .rebuild import build
+from .quiet import load_torchao
 
 FORMAT = "compress-checkpoint"
 VERSION = 1
@@ -65,7 +66,7 @@ def _torch_load(path: str | os.PathLike) -> Any:
         except Exception as err:  # safetensors raises its own SafetensorError
             raise CompressError(f"cannot read {file}: {err}", "check that the file is complete") from err
     try:
-        import torchao.quantization  # noqa: F401  registers torchao's tensor subclasses as safe weights_only globals
+        load_torchao()  # registers torchao's tensor subclasses as safe weights_only globals
     except ImportError:
         pass
     try:

@@ -27,6 +27,7 @@ from compress.backends.intx import (TORCHAO_WEIGHT_DTYPES, MappingName, QuantSpe
                                     quant_params, quant_step, quantization_problems)
 from compress.data import labels_of
 from compress.errors import CompressError
+from compress.quiet import load_torchao
 
 from .tpv import (DiagHeff, Estimate, Estimator, RatioMean, eval_mode, hutchinson_diag, linearized_tpv, model_inputs,
                   per_channel, rademacher, select_params, weight_layers)
@@ -116,6 +117,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 def measured_tpv(model: nn.Module, layer: str, spec: QuantSpec, inputs: Sequence[Tensor],
                  reference: Sequence[Tensor] | None = None) -> float:
     """E_x ||f_q(x) − f(x)||² with only ``layer`` quantized by torchao (on a copy of ``model``), eval mode."""
+    load_torchao()
     from torchao.quantization import quantize_
 
     quantized = copy.deepcopy(model).eval()

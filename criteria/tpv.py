@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 from compress.data import iter_inputs
 from compress.errors import CompressError
 from compress.nn_helpers import eval_mode, weight_layers  # re-exported: criteria.tpv.eval_mode, .weight_layers
+from compress.quiet import quiet_third_party
 
 Estimator = Literal["single", "batched"]
 # A perturbation maps (parameter name, w*, generator) to δw, or None to leave that parameter alone.
@@ -247,7 +248,7 @@ def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, M
         raise CompressError(f"no parameters named {unknown[:3]}", "use names from model.named_parameters()")
     total = sum(len(x) for x in inputs)
     out: dict[str, dict[Any, float]] = {}
-    with eval_mode(model):
+    with eval_mode(model), quiet_third_party():  # the first jvp loads torch decompositions via torch.jit.script
         for name, by_key in deltas.items():
             if not by_key:
                 out[name] = {}

@@ -10,6 +10,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.fold import fold_batchnorm
+from compress.quiet import load_torchao
 
 from .candidates import FLOAT, FLOAT8, Choice
 from .registry import backend_for
@@ -23,6 +24,7 @@ def layer_choice(layer: Mapping[str, Any]) -> Choice:
 def apply_quantization(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:
     """Fold BN into a copy of ``model`` and quantize its layers as ``recipe`` (``BitPlan.to_dict()``) says, with the
     configs of the device the model is on."""
+    load_torchao()
     from torchao.quantization import FqnToConfig, quantize_
 
     folded = fold_batchnorm(model)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from compress.errors import CompressError
+from compress.quiet import load_torchao
 
 from .base import Capability, LayerConfig, parse_device
 from .candidates import FLOAT, FLOAT8, Choice
@@ -24,6 +25,7 @@ TINYGEMM_MIN_CAPABILITY = (8, 0)
 
 def float8_config(weight: Tensor, linear: bool, capability: Capability | None) -> LayerConfig:
     """``Float8DynamicActivationFloat8WeightConfig(PerRow())`` (e4m3 weights, one scale per row), or why not."""
+    load_torchao()
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
     if capability is None:
@@ -46,6 +48,7 @@ def cuda_linear_config(weight: Tensor, bits: int, capability: Capability, group_
                        mapping: str) -> LayerConfig:
     """int8 -> ``Int8WeightOnlyConfig`` (symmetric, per row or per group); int4 -> tinygemm ``Int4WeightOnlyConfig``
     (asymmetric, bfloat16 scale and zero point per group of 128/64/32/256 input features); other widths: a reason."""
+    load_torchao()
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, PerGroup, PerRow
     from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
@@ -76,6 +79,7 @@ def cuda_linear_config(weight: Tensor, bits: int, capability: Capability, group_
 
 def float8_dequantized(weight: Tensor) -> Tensor:
     """Q(w) of the float8 config: torchao's per-row e4m3 Float8Tensor of the bfloat16 weight, dequantized."""
+    load_torchao()
     from torchao.quantization import PerRow
     from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
 

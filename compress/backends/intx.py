@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from compress.errors import CompressError
 from compress.nn_helpers import weight_layers
+from compress.quiet import load_torchao
 
 from .base import Capability, LayerConfig, QuantBackend
 from .candidates import FLOAT, FLOAT8, Choice
@@ -50,6 +51,7 @@ class QuantSpec:
 
     def config(self) -> Any:
         """The equivalent torchao ``IntxWeightOnlyConfig``."""
+        load_torchao()
         from torchao.quantization import IntxWeightOnlyConfig, MappingType, PerAxis, PerGroup
 
         return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{self.bits}"),

@@ -1,0 +1,39 @@
+"""Third-party notices a normal run must not print, silenced where they are triggered and nowhere else.
+
+* torch's ``torch.utils._pytree`` logs a deprecation notice about torchao's ``KernelPreference`` enum the first time
+  ``torchao.quantization`` is imported: :func:`load_torchao` imports it with that logger raised to ERROR.
+* torch's forward-mode AD loads its decompositions with ``torch.jit.script`` on the first ``jvp`` and warns that
+  ``torch.jit.script`` is deprecated: :func:`quiet_third_party` ignores exactly that FutureWarning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import warnings
+from types import ModuleType
+from typing import Iterator
+
+PYTREE_LOGGER = "torch.utils._pytree"
+JIT_SCRIPT_DEPRECATED = r"`torch\.jit\.script` is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Inside the block: no torch _pytree notice, no torch.jit.script deprecation warning; both restored after."""
+    logger = logging.getLogger(PYTREE_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=JIT_SCRIPT_DEPRECATED, category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_torchao() -> ModuleType:
+    """``torchao.quantization``, imported quietly (a no-op once imported)."""
+    with quiet_third_party():
+        return importlib.import_module("torchao.quantization")

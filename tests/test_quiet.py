@@ -1,0 +1,24 @@
+"""A normal run prints no third-party notices: torch's _pytree notice on importing torchao, torch.jit.script's
+deprecation warning on the first jvp."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+SCRIPT = """
+import warnings
+warnings.simplefilter("always")
+from compress import Budget, plan_bits, quantize, resolve
+from compress.data import synthetic
+model = resolve("small_resnet")
+plan = plan_bits(model, synthetic(16), Budget(avg_bits=5), calibration_samples=16)
+quantize(model, plan)
+print("done")
+"""
+
+
+def test_planning_and_quantizing_print_no_third_party_notices() -> None:
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr[-2000:]
+    assert run.stderr == "", run.stderr[-2000:]
