@@ -18,9 +18,9 @@ import torch_pruning as tp
 
 import criteria
 
+from ..adapters import adapter_for
 from ..atomic import write_text
 from ..models import resolve, spec_of
-from ..prune import classifier_layer
 from ..output import machine, markdown_table, write_json
 
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     base = timed(plain)
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=batches[0][0][:1])
     groups = list(graph.get_all_groups(root_module_types=[torch.nn.Conv2d, torch.nn.Linear],
-                                       ignored_layers=[classifier_layer(model)]))
+                                       ignored_layers=adapter_for(model).never_pruned(model)))
     rows = []
     for name in args.criteria:
         def score() -> None:
