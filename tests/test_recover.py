@@ -13,14 +13,19 @@ from compress.data import synthetic, loader
 from compress.recover import distill, recalibrate_bn
 
 
-def test_recalibration_matches_the_data_statistics():
-    model = resolve("small_resnet").eval()
-    x = torch.randn(64, 1, 28, 28) * 3 + 1
-    recalibrate_bn(model, [x[:32], x[32:]], progress=False)
+def _assert_stem_statistics(model: nn.Module, x: torch.Tensor) -> None:
+    """The stem BatchNorm's running statistics are those of its inputs on ``x``."""
     with torch.no_grad():
         stem = model.conv1(x)
     torch.testing.assert_close(model.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(model.bn1.running_var, stem.var((0, 2, 3)), atol=1e-3, rtol=1e-3)
+
+
+def test_recalibration_matches_the_data_statistics():
+    model = resolve("small_resnet").eval()
+    x = torch.randn(64, 1, 28, 28) * 3 + 1
+    recalibrate_bn(model, [x[:32], x[32:]], progress=False)
+    _assert_stem_statistics(model, x)
     assert model.bn1.momentum == 0.1 and not model.training  # settings restored
     try:
         recalibrate_bn(model, [], progress=False)
@@ -53,10 +58,7 @@ def test_recalibration_forgets_stale_statistics():
     recalibrate_bn(model, [torch.randn(64, 1, 28, 28) * 10 - 5] * 3, progress=False)  # stale: other data, 3 batches
     x = torch.randn(64, 1, 28, 28) * 3 + 1
     recalibrate_bn(model, [x[:32], x[32:]], progress=False)
-    with torch.no_grad():
-        stem = model.conv1(x)
-    torch.testing.assert_close(model.bn1.running_mean, stem.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(model.bn1.running_var, stem.var((0, 2, 3)), atol=1e-3, rtol=1e-3)
+    _assert_stem_statistics(model, x)
     assert int(model.bn1.num_batches_tracked) == 2
 
 
