@@ -14,6 +14,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from compress.adapters import adapter_for
 from compress.adapters.spec import spec_of
 from compress.atomic import atomic_path, refuse_existing
 from compress.errors import CompressError
@@ -36,7 +37,9 @@ def example_tensor(example_inputs: Any) -> torch.Tensor:
 
 
 def export_graph(model: nn.Module, example: torch.Tensor, opset: int) -> ir.Model:
-    """torch.onnx dynamo export with a dynamic batch dimension, ``input`` -> ``logits``."""
+    """torch.onnx dynamo export with the input and output names and dynamic axes of the model's adapter (image
+    classifiers: ``input`` -> ``logits``, dynamic batch)."""
+    spec = adapter_for(model).input_spec(model)
     try:
         with torch.no_grad():
             model(example)
@@ -44,9 +47,10 @@ def export_graph(model: nn.Module, example: torch.Tensor, opset: int) -> ir.Mode
         raise CompressError(f"the model rejects the example input of shape {tuple(example.shape)}: {str(err).splitlines()[0][:160]}",
                             "pass an example input of the shape the model was built for") from err
     try:
-        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=["input"],
-                                    output_names=["logits"], dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
-                                    optimize=True, verbose=False)
+        dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamic_axes.get(name, {})} for name in spec.names)
+        program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=list(spec.names),
+                                    output_names=list(spec.outputs), dynamic_shapes=dynamic, optimize=True,
+                                    verbose=False)
     except Exception as err:  # torch.export / onnx translation raise many types
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise CompressError(f"torch.onnx.export (dynamo) failed on {type(model).__name__}: {type(err).__name__}: {first}",
