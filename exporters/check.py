@@ -35,7 +35,9 @@ class CheckReport:
     """The outcome of :func:`check`; ``passed`` is true exactly when ``failures`` is empty.
 
     ``rel_diff`` = max |onnx − reference| / max |reference| over all checked logits. ``dense_kl`` is
-    KL(dense ‖ onnx) per sample, in nats. ``latency_ms`` maps batch size to the median milliseconds per run.
+    KL(dense ‖ onnx) per sample, in nats. ``latency_ms`` maps batch size to the median milliseconds per run in the
+    session :func:`open_session` makes; ``default_latency_ms`` the same in a default onnxruntime session (what a
+    deployment that sets no option gets; it differs for weight-only packed files, see ``qdq_disabled``).
     """
 
     path: str
@@ -52,6 +54,7 @@ class CheckReport:
     dense_agreement: float | None = None
     dense_kl: float | None = None
     latency_ms: dict[int, float] = field(default_factory=dict)
+    default_latency_ms: dict[int, float] = field(default_factory=dict)
     latency_runs: int = 0
     qdq_disabled: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
@@ -60,6 +63,7 @@ class CheckReport:
         """Plain JSON types (latency keys become strings)."""
         d = asdict(self)
         d["latency_ms"] = {str(k): v for k, v in self.latency_ms.items()}
+        d["default_latency_ms"] = {str(k): v for k, v in self.default_latency_ms.items()}
         return d
 
 
@@ -81,11 +85,13 @@ def _weight_only_dequantize(model: onnx.ModelProto) -> bool:
     return "DequantizeLinear" in ops and "QuantizeLinear" not in ops
 
 
-def open_session(path: str | Path, threads: int = 2) -> tuple[Any, bool]:
+def open_session(path: str | Path, threads: int = 2, *, tuned: bool = True) -> tuple[Any, bool]:
     """An onnxruntime CPU session for ``path`` with ``threads`` intra-op threads, and whether QDQ fusion was disabled.
 
-    For weight-only packed files ``session.disable_quant_qdq=1`` makes ORT fold each DequantizeLinear of a weight
-    into a float initializer at load time, so runs do not re-dequantize.
+    The session options a file needs, applied when ``tuned``: for weight-only packed files
+    ``session.disable_quant_qdq=1`` makes ORT fold each DequantizeLinear of a weight into a float initializer at
+    load time, so runs do not re-dequantize (a default session re-dequantizes on every run). ``tuned=False``: the
+    default session a deployment gets without options (threads aside).
     """
     import onnxruntime as ort
 
@@ -94,7 +100,7 @@ def open_session(path: str | Path, threads: int = 2) -> tuple[Any, bool]:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    disable_qdq = _weight_only_dequantize(model)
+    disable_qdq = tuned and _weight_only_dequantize(model)
     if disable_qdq:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     try:
@@ -219,6 +225,10 @@ def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Itera
         if min_dense_agreement is not None and report.dense_agreement < min_dense_agreement:
             report.failures.append(f"agreement with the dense model {report.dense_agreement:.4f} < {min_dense_agreement}")
     report.latency_ms = {bs: session_latency_ms(session, name, shape, bs, latency_runs) for bs in batch_sizes}
+    report.default_latency_ms = report.latency_ms
+    if qdq_disabled:  # the tuned session differs from a default one: time that too
+        default, _ = open_session(path, threads, tuned=False)
+        report.default_latency_ms = {bs: session_latency_ms(default, name, shape, bs, latency_runs) for bs in batch_sizes}
     report.passed = not report.failures
     return report
 

@@ -226,3 +226,22 @@ def test_bad_inputs_raise_compress_error(reference, fp32_file, tmp_path) -> None
     with pytest.raises(CompressError, match="example input"):
         export_onnx(reference, torch.zeros(1, 3, 28, 28), tmp_path / "shape.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.onnx"]  # nothing written by the refused exports
+
+
+def test_default_session_latency_is_measured_for_packed_files(reference, test_batches, tmp_path) -> None:
+    """A deployment that sets no session option runs the packed file re-dequantizing its weights: check() times
+    that default session too, and open_session(tuned=False) is exactly such a session."""
+    from exporters.check import open_session
+
+    quantized = torchao_quantized(reference, {"conv1": None, r"re:layers\..*(conv\d|downsample\.0)": intx(8), "fc": intx(8)})
+    path = export_onnx(quantized, FMNIST_INPUT, tmp_path / "packed.onnx").path
+    tuned, disabled = open_session(path)
+    default, default_disabled = open_session(path, tuned=False)
+    assert disabled and not default_disabled
+    assert tuned.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        default.get_session_options().get_session_config_entry("session.disable_quant_qdq")
+    report = check(path, quantized, test_batches[:1], **FAST)
+    assert set(report.default_latency_ms) == set(report.latency_ms) == {1, 32}
+    assert report.default_latency_ms is not report.latency_ms  # measured in its own session
+    assert report.to_dict()["default_latency_ms"].keys() == {"1", "32"}
