@@ -11,6 +11,7 @@ from typing import Sequence
 
 from exporters import export_onnx
 from exporters.check import check
+from exporters.runtimes import RUNTIMES
 
 from .atomic import write_text
 from .checkpoint import load
@@ -77,7 +78,7 @@ def _pct(value: float | None) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Run an ONNX file in onnxruntime against its source model; exit 1 when a threshold fails."""
+    """Run an ONNX file in onnxruntime (or OpenVINO) against its source model; exit 1 when a threshold fails."""
     import json
 
     shape = _onnx_input_shape(args.onnx)
@@ -86,7 +87,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     data = None if args.data == "random" else _eval_data(args, shape)
     report = check(args.onnx, reference=reference, data=data, dense=dense, threads=args.threads,
                    parity_rtol=None if args.parity_rtol < 0 else args.parity_rtol, min_agreement=args.min_agreement,
-                   min_dense_agreement=args.min_dense_agreement, latency_runs=args.runs)
+                   min_dense_agreement=args.min_dense_agreement, latency_runs=args.runs, runtime=args.runtime)
     print(f"{args.onnx}: {report.file_size_bytes / 1e6:.2f} MB, {report.num_samples} inputs, top-1 {_pct(report.top1)}")
     if reference is not None:
         rel = "n/a" if report.rel_diff is None else f"{report.rel_diff:.1e}"
@@ -94,8 +95,11 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"{'' if report.parity_checked else ' (parity not checked)'}")
     if dense is not None:
         print(f"  vs dense: agreement {_pct(report.dense_agreement)}, KL {report.dense_kl:.4g}")
-    print("  latency (onnxruntime CPU, %d threads): %s" % (report.threads, ", ".join(
+    print("  latency (%s CPU, %d threads): %s" % (report.runtime, report.threads, ", ".join(
         f"batch {b}: {ms:.2f} ms" for b, ms in report.latency_ms.items())))
+    if report.default_latency_ms != report.latency_ms:
+        print("  latency in a default session: %s" % ", ".join(
+            f"batch {b}: {ms:.2f} ms" for b, ms in report.default_latency_ms.items()))
     if args.json:
         write_text(args.json, json.dumps(report.to_dict(), indent=2), overwrite=args.overwrite)
     print("PASS" if report.passed else "FAIL")
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the .onnx file to write")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("check", help="run an ONNX file in onnxruntime; exit 1 when a threshold fails")
+    p = sub.add_parser("check", help="run an ONNX file in onnxruntime or OpenVINO; exit 1 when a threshold fails")
     p.add_argument("onnx", help="the .onnx file")
     p.add_argument("--reference", help="compress checkpoint the file was exported from (parity, agreement)")
     p.add_argument("--dense", help="compress checkpoint of the dense model (agreement, KL)")
@@ -147,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-dense-agreement", type=float, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=20, help="latency runs per batch size (median)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help="where to run the file (openvino: the "
+                   "openvino extra)")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_check)

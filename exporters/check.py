@@ -7,8 +7,6 @@ passes when its parity and agreement meet the thresholds; every failure is one l
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,10 +21,10 @@ from compress.errors import CompressError
 from compress.evaluate import predict
 
 from .onnx_graph import METADATA_PREFIX
+from .runtimes import RUNTIMES, Runner, latency_ms, onnxruntime_runner, openvino_runner
 
 __all__ = ["CheckReport", "check", "open_session"]
 
-WARMUP_RUNS = 3
 RANDOM_BATCHES, RANDOM_BATCH_SIZE = 2, 8  # inputs used for parity when no data is given
 
 
@@ -58,6 +56,7 @@ class CheckReport:
     latency_runs: int = 0
     qdq_disabled: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
+    runtime: str = "onnxruntime"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (latency keys become strings)."""
@@ -138,16 +137,16 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def session_latency_ms(session: Any, name: str, shape: tuple[int | None, ...], batch_size: int, runs: int) -> float:
-    """Median milliseconds of ``runs`` runs of ``session`` on one random batch, after warm-up."""
-    x = np.random.default_rng(0).standard_normal((batch_size, *shape[1:])).astype(np.float32)
-    for _ in range(WARMUP_RUNS):
-        session.run(None, {name: x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {name: x})
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of ``runs`` runs of an onnxruntime ``session`` on one random batch, after warm-up."""
+    return latency_ms(onnxruntime_runner(session, tuned=False), batch_size, runs)
+
+
+def open_runner(path: Path, runtime: str, threads: int, *, tuned: bool = True) -> Runner:
+    """A runner of ``path`` in ``runtime`` (onnxruntime: with the session options the file wants when ``tuned``)."""
+    if runtime == "openvino":
+        return openvino_runner(path, threads)
+    session, disabled = open_session(path, threads, tuned=tuned)
+    return onnxruntime_runner(session, disabled)
 
 
 def _file_size(path: Path, model: onnx.ModelProto) -> int:
@@ -158,7 +157,7 @@ def _file_size(path: Path, model: onnx.ModelProto) -> int:
 def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Iterable[Any] | None = None, *,
           dense: nn.Module | None = None, threads: int = 2, parity_rtol: float | None = 1e-4, min_agreement: float = 0.99,
           min_dense_agreement: float | None = None, latency_runs: int = 20,
-          batch_sizes: tuple[int, ...] = (1, 32)) -> CheckReport:
+          batch_sizes: tuple[int, ...] = (1, 32), runtime: str = "onnxruntime") -> CheckReport:
     """Run ``onnx_path`` in onnxruntime on ``data`` and compare it with ``reference`` (and ``dense``).
 
     ``data``: input batches or ``(input, label)`` batches; without it, seeded random inputs of the file's input
@@ -166,14 +165,18 @@ def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Itera
     int8-activation QDQ files, which are not meant to match exactly, or when ``parity_rtol`` is None); agreement
     with ``reference`` below ``min_agreement``; agreement with ``dense`` below ``min_dense_agreement`` (when given).
     Latency: median of ``latency_runs`` runs after warm-up, per batch size, ``threads`` intra-op threads.
+    ``runtime``: "onnxruntime", or "openvino" (the ``openvino`` extra; CPU, float32 precision).
     """
     path = Path(onnx_path)
     if latency_runs < 1 or threads < 1:
         raise CompressError(f"latency_runs and threads must be >= 1, got {latency_runs}, {threads}", "pass positive values")
+    if runtime not in RUNTIMES:
+        raise CompressError(f"unknown runtime {runtime!r}", f"use one of {', '.join(RUNTIMES)}")
     proto = _read_model(path)
     metadata = {p.key: p.value for p in proto.metadata_props}
-    session, qdq_disabled = open_session(path, threads)
-    name, shape = input_spec(session)
+    runner = open_runner(path, runtime, threads)
+    qdq_disabled = runtime == "onnxruntime" and runner.tuned
+    shape = runner.input_shape
     batches = _random_batches(shape) if data is None else data
     models = [m for m in (reference, dense) if m is not None]
     modes = [m.training for m in models]
@@ -185,7 +188,7 @@ def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Itera
     try:
         for batch in batches:
             x, labels = inputs_of(batch), labels_of(batch)
-            out = torch.from_numpy(session.run(None, {name: _fit(x, shape, path)})[0]).float()
+            out = torch.from_numpy(runner(_fit(x, shape, path))).float()
             pred = out.argmax(1)
             if labels is None:
                 labelled = False
@@ -208,7 +211,7 @@ def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Itera
         raise CompressError("check got no data", "pass a non-empty iterable of input batches")
     report = CheckReport(path=str(path), passed=False, failures=[], file_size_bytes=_file_size(path, proto),
                          num_samples=total, threads=threads, top1=correct / total if labelled else None,
-                         latency_runs=latency_runs, qdq_disabled=qdq_disabled, metadata=metadata)
+                         latency_runs=latency_runs, qdq_disabled=qdq_disabled, metadata=metadata, runtime=runtime)
     quantized_activations = metadata.get(f"{METADATA_PREFIX}activations") == "int8"
     if reference is not None:
         report.reference_agreement = ref_same / total
@@ -224,11 +227,11 @@ def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Itera
         report.dense_agreement, report.dense_kl = dense_same / total, kl / total
         if min_dense_agreement is not None and report.dense_agreement < min_dense_agreement:
             report.failures.append(f"agreement with the dense model {report.dense_agreement:.4f} < {min_dense_agreement}")
-    report.latency_ms = {bs: session_latency_ms(session, name, shape, bs, latency_runs) for bs in batch_sizes}
+    report.latency_ms = {bs: latency_ms(runner, bs, latency_runs) for bs in batch_sizes}
     report.default_latency_ms = report.latency_ms
     if qdq_disabled:  # the tuned session differs from a default one: time that too
-        default, _ = open_session(path, threads, tuned=False)
-        report.default_latency_ms = {bs: session_latency_ms(default, name, shape, bs, latency_runs) for bs in batch_sizes}
+        default = open_runner(path, runtime, threads, tuned=False)
+        report.default_latency_ms = {bs: latency_ms(default, bs, latency_runs) for bs in batch_sizes}
     report.passed = not report.failures
     return report
 
