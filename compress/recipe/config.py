@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 import types
@@ -193,10 +194,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if raw.strip().lower() in ("none", "null"):
         return key.strip().split("."), None  # unset an optional value, e.g. quantize.avg_bits=none
     try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        doc = tomllib.loads(f"v = {raw.strip()}")
+        value = doc["v"] if len(doc) == 1 else raw.strip()  # "1\nx = 2" is a word, not the number 1
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except (ValueError, RecursionError) as err:  # an int over Python's 4300-digit limit, arrays nested too deep
+        raise CompressError(f"--set {key.strip()}: the value is not usable ({_reason(err)})",
+                            f"e.g. --set {key.strip()}=0.3, or quote a string") from None
     return key.strip().split("."), value
+
+
+def _reason(err: BaseException) -> str:
+    """``err`` as a short one-line reason."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    text = " ".join(str(err).split())
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
@@ -210,11 +223,27 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             (item_type,) = typing.get_args(option)
             return [_check_type(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float range, e.g. 10**400
+                number = math.inf
+            if not math.isfinite(number):
+                raise CompressError(f"{where} = {_short(value)} is not a finite number",
+                                    f"set {where} to a finite number in the recipe or with --set")
+            return number
         if option in (int, str, bool) and type(value) is option:
             return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-    raise CompressError(f"{where} = {value!r} must be {wanted}", f"set {where} to a {wanted} in the recipe or with --set")
+    raise CompressError(f"{where} = {_short(value)} must be {wanted}", f"set {where} to a {wanted} in the recipe or with --set")
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to a readable length (a 4000-digit int or a long string stays one short line)."""
+    try:
+        text = repr(value)
+    except ValueError:  # int repr over the 4300-digit limit
+        return f"<int of about {value.bit_length() * 0.30103:.0f} digits>"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _section(cls: type, table: Any, where: str) -> Any:
@@ -227,12 +256,29 @@ def _section(cls: type, table: Any, where: str) -> Any:
     return cls(**{k: _check_type(v, hints[k], f"{where}.{k}") for k, v in table.items()})
 
 
+def _check_path(value: str | None, key: str) -> None:
+    """A value that may name a file: no NUL character and a name the OS can look up (not too long, not blocked)."""
+    if value is None:
+        return
+    if "\x00" in value:
+        raise CompressError(f"{key} holds a NUL character", f"set {key} to a plain name or path")
+    try:
+        Path(value).exists()  # missing files are fine here (preflight names them); a name too long is not
+    except OSError as err:
+        raise CompressError(f"{key} = {_short(value)} is not a usable path: {err.strerror or err}",
+                            f"set {key} to a shorter or accessible path") from None
+
+
 def _validate(recipe: Recipe) -> None:
     def fraction(value: float | None, key: str) -> None:
         if value is not None and not 0.0 < value <= 1.0:
             raise CompressError(f"{key} = {value} is not a fraction in (0, 1]", f"e.g. --set {key}=0.5")
 
     p, q, d, c = recipe.prune, recipe.quantize, recipe.data, recipe.check
+    if not -(2**63) < recipe.seed < 2**63 - 1:  # torch.manual_seed takes 64-bit seeds (and stages use seed + 1)
+        raise CompressError(f"seed = {_short(recipe.seed)} is out of range", "use a seed such as 0 or 1234")
+    for key, value in (("model.arch", recipe.model.arch), ("model.weights", recipe.model.weights), ("data.dir", d.dir)):
+        _check_path(value, key)
     if recipe.device not in ("cpu", "cuda") and not recipe.device.startswith("cuda:"):
         raise CompressError(f"device = {recipe.device!r} is unknown", "use cpu or cuda")
     if recipe.export.qdq_weights not in ("int8", "plan"):
@@ -276,6 +322,13 @@ def load_recipe(name: str | os.PathLike, overrides: Sequence[str] = (), values: 
             table = tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise CompressError(f"recipe {path} is not valid TOML: {err}", "fix the file (see recipes/fmnist_jbr.toml)") from err
+    except UnicodeDecodeError as err:
+        raise CompressError(f"recipe {path} is not UTF-8 text ({_reason(err)})", "save it as UTF-8") from err
+    except (ValueError, RecursionError) as err:  # an int over Python's 4300-digit limit, arrays nested too deep
+        raise CompressError(f"recipe {path} holds an unusable value ({_reason(err)})",
+                            "fix the file (see recipes/fmnist_jbr.toml)") from err
+    except OSError as err:
+        raise CompressError(f"cannot read recipe {path}: {err.strerror or err}", "pass a readable .toml file") from err
     changes = [(key.split("."), value) for key, value in (values or {}).items()]
     changes += [parse_override(item) for item in overrides]
     for keys, value in changes:
