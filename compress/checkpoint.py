@@ -5,6 +5,9 @@ A checkpoint is a ``torch.save`` archive holding only tensors and plain containe
 ``torch.load(weights_only=True)`` (no code runs), rebuilds the structure from the spec (architecture, then the
 pruning history replayed by torch-pruning) and loads the state_dict strictly. Writes are atomic and never
 replace an existing file unless asked to.
+
+A model of the user's own class (one no builder recognises) is recorded as ``arch="user:<module>.<qualname>"``:
+its code is not in the file, so ``load(path, model=MyNet())`` replays the history onto a fresh instance.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import identify
-from .adapters.spec import ModelSpec, attach_spec
+from .adapters import adapter_for, identify
+from .adapters.spec import ModelSpec, attach_spec, user_spec
 from .atomic import atomic_path
 from .backends import reload_device
 from .errors import CompressError
@@ -37,13 +40,21 @@ def _module_of(obj: Any) -> nn.Module:
     return model
 
 
-def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False, metadata: dict[str, Any] | None = None) -> Path:
-    """Save a model (plain, pruned or quantized) or a result holding ``.model``, without pickling code."""
+def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False, metadata: dict[str, Any] | None = None,
+         input_shape: tuple[int, ...] | None = None) -> Path:
+    """Save a model (plain, pruned or quantized) or a result holding ``.model``, without pickling code.
+
+    A module of your own class that compress never pruned or quantized is saved when ``input_shape`` (one
+    sample's shape) is given; load it back with ``load(path, model=MyNet())``."""
     model = _module_of(obj)
     spec = identify(model)
+    if spec is None and input_shape is not None:
+        spec = user_spec(model, tuple(input_shape), adapter_for(model).name)
     if spec is None:
-        raise CompressError(f"cannot tell which architecture this {type(model).__name__} is, so it could not be rebuilt on load",
-                            "create it with compress.models.resolve(name) (or a torchvision builder) before compressing")
+        name = type(model).__name__
+        raise CompressError(f"cannot tell which architecture this {name} is, so it could not be rebuilt on load",
+                            f"save it with input_shape=(C, H, W) and load it with compress.load(path, model={name}(...)), "
+                            "or create it with compress.models.resolve(name) before compressing")
     record = {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(),
               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
               "metadata": dict(metadata or {})}
@@ -100,9 +111,27 @@ def _load_device(spec: ModelSpec, device: str | torch.device | None, path: str |
     return reload_device(spec.quantization, device, str(path))
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+def _mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:
+    """The first difference between ``model``'s state_dict and ``state`` (names, then shapes), or None."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        return ", ".join(part for part in (f"missing {missing[:3]}" if missing else "",
+                                           f"unexpected {unexpected[:3]}" if unexpected else "") if part)
+    for key, value in state.items():
+        if tuple(own[key].shape) != tuple(value.shape):
+            return f"{key} is {tuple(own[key].shape)} in model=, {tuple(value.shape)} in the checkpoint"
+    return None
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None, *, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save` on ``device`` (default: CUDA for a model quantized on CUDA, else the
-    CPU): structure from the spec, then the weights (strict)."""
+    CPU): structure from the spec, then the weights (strict).
+
+    ``model``: a freshly built, unpruned instance to rebuild onto (the pruning history is replayed onto it in
+    place, then the quantization): required for a model of your own class (``compress.load(path, model=MyNet())``),
+    optional for a known architecture, whose builder it replaces."""
     record = _torch_load(path)
     if not (isinstance(record, dict) and record.get("format") == FORMAT):
         raise CompressError(f"{path} is not a compress checkpoint (maybe bare weights)",
@@ -113,10 +142,23 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> n
         spec = ModelSpec.from_dict(record["spec"])
     except (KeyError, TypeError, ValueError) as err:
         raise CompressError(f"{path} has a damaged model spec ({err})", "re-create the checkpoint") from err
+    if spec.is_user and model is None:
+        name = spec.user_class.rsplit(".", 1)[-1]
+        raise CompressError(f"checkpoint {path} holds a user model ({spec.user_class}) that cannot be rebuilt from its name",
+                            f"pass model=<YourClass>(...) freshly built, e.g. compress.load(path, model={name}())")
+    if model is not None and not isinstance(model, nn.Module):
+        raise CompressError(f"model= must be an nn.Module, got {type(model).__name__}",
+                            "pass a freshly built instance, e.g. model=MyNet()")
     target = _load_device(spec, device, path)
-    model = build(spec, target)
+    given = model is not None
+    model = build(spec, target, model=model)
+    state = record["state_dict"]
+    mismatch = _mismatch(model, state) if given else None
+    if mismatch is not None:
+        raise CompressError(f"model= ({type(model).__name__}) does not match checkpoint {path}: {mismatch}",
+                            "pass a freshly built, unpruned instance with the constructor arguments it was saved with")
     try:
-        model.load_state_dict({k: v.to(target) for k, v in record["state_dict"].items()}, strict=True, assign=True)
+        model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
     except RuntimeError as err:
         raise CompressError(f"{path}: weights do not fit the recorded structure ({str(err).splitlines()[0]})",
                             "re-create the checkpoint") from err

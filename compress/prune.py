@@ -26,7 +26,7 @@ import criteria
 
 from . import latency
 from .adapters import ModelAdapter, adapter_for, identify
-from .adapters.spec import attach_spec, with_history
+from .adapters.spec import attach_spec, user_spec, with_history
 from .data import CalibrationData, calibration
 from .errors import CompressError
 from .macs import count_macs_params
@@ -310,8 +310,11 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
                             "raise the tolerance, lower round_to, or use more steps")
     after = count_macs_params(model, example)
     widths_after = _widths(model)
-    if spec is not None:
-        attach_spec(model, with_history(spec, history))
+    if spec is None:  # a user's own class: record what compress.load(path, model=Fresh()) replays
+        spec = user_spec(dense, tuple(example.shape[1:]), adapter.name)
+    elif spec.is_user and not spec.input_shape:
+        spec = replace(spec, input_shape=tuple(int(s) for s in example.shape[1:]))
+    attach_spec(model, with_history(spec, history))
     layers = [LayerWidth(n, w, widths_after.get(n, 0)) for n, w in widths_before.items()]
     return PruneResult(model, history, name, target, before[0], after[0], before[1], after[1], layers,
                        len(step_log), time.perf_counter() - start, step_log)

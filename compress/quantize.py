@@ -16,8 +16,8 @@ from dataclasses import replace
 
 from torch import nn
 
-from .adapters import identify
-from .adapters.spec import attach_spec
+from .adapters import adapter_for, identify
+from .adapters.spec import attach_spec, user_spec
 from .backends import (LayerConfig, apply_quantization, backend_for, device_capability, float8_dequantized,
                        layer_choice, layer_config)
 from .backends.cuda import FLOAT8_MIN_CAPABILITY, INT4_GROUP_SIZES, TINYGEMM_MIN_CAPABILITY
@@ -35,6 +35,7 @@ def quantize(model: nn.Module, plan: BitPlan) -> nn.Module:
     recipe["quantized_on"] = backend_for(first.device).device_type if first is not None else "cpu"
     recipe["dtype"] = str(first.dtype).removeprefix("torch.") if first is not None else "float32"
     spec = identify(model)
-    if spec is not None:
-        attach_spec(quantized, replace(spec, quantization=recipe))
+    if spec is None:  # a user's own class: its input shape is unknown, and reload needs none without pruning
+        spec = user_spec(model, (), adapter_for(model).name)
+    attach_spec(quantized, replace(spec, quantization=recipe))
     return quantized

@@ -51,6 +51,9 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
 
 def identify(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> ModelSpec | None:
     """The spec recorded on ``model``, else the one its adapter recognises, else None."""
+    recorded = spec_of(model)
+    if recorded is not None:
+        return recorded
     return adapter_for(model).identify(model, input_shape)
 
 

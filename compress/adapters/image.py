@@ -134,7 +134,7 @@ class ImageClassifierAdapter(ModelAdapter):
 
     def check_inputs(self, model: nn.Module, inputs: Any) -> None:
         spec = spec_of(model)
-        if spec is None:
+        if spec is None or not spec.input_shape:
             return
         x = inputs
         if x.dim() != len(spec.input_shape) + 1 or x.shape[1] != spec.input_shape[0]:

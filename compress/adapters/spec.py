@@ -13,10 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import CompressError
+
 SPEC_ATTR = "compress_spec"
 IMAGENET_INPUT_SHAPE = (3, 224, 224)
 HistoryEntry = tuple[str, bool, tuple[int, ...]]
 DEFAULT_ADAPTER = "image-classifier"
+USER_ARCH_PREFIX = "user:"  # arch of a model the user built from a class we have no builder for
+USER_WEIGHTS = "user"
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,35 @@ class ModelSpec:
                                          for n, o, idx in d.get("pruning_history") or ()),
                    quantization=d.get("quantization"), adapter=str(d.get("adapter", DEFAULT_ADAPTER)))
 
+    @property
+    def is_user(self) -> bool:
+        """Whether this records a user's own class (``arch="user:<module>.<qualname>"``): rebuilt only from a
+        fresh instance the user passes (``compress.load(path, model=MyNet())``), never from its name."""
+        return self.arch.startswith(USER_ARCH_PREFIX)
+
+    @property
+    def user_class(self) -> str:
+        """The qualified class name of a user model's spec (``module.QualName``)."""
+        return self.arch.removeprefix(USER_ARCH_PREFIX)
+
     def example_input(self, batch: int = 1, device: str | torch.device = "cpu") -> torch.Tensor:
+        if not self.input_shape:  # a user model saved without a known input shape
+            raise CompressError(f"the input shape of {self.arch} is not recorded",
+                                "pass example_inputs=torch.zeros(1, C, H, W)")
         return torch.zeros(batch, *self.input_shape, device=device)
+
+
+def user_arch(model: nn.Module) -> str:
+    """``user:<module>.<qualname>`` of ``model``'s class."""
+    cls = type(model)
+    return f"{USER_ARCH_PREFIX}{cls.__module__}.{cls.__qualname__}"
+
+
+def user_spec(model: nn.Module, input_shape: tuple[int, ...] = (), adapter: str = DEFAULT_ADAPTER) -> ModelSpec:
+    """The spec of a model whose architecture no builder knows: its class name (checked on reload, where the user
+    passes a fresh instance), no kwargs and one sample's input shape (empty when unknown, allowed only while
+    there is no pruning history to replay)."""
+    return ModelSpec(user_arch(model), {}, tuple(int(s) for s in input_shape), USER_WEIGHTS, adapter=adapter)
 
 
 def spec_of(model: nn.Module) -> ModelSpec | None:
