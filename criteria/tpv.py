@@ -8,6 +8,7 @@ itself is measured by Monte Carlo for a concrete perturbation (noise, real quant
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
@@ -233,6 +234,22 @@ def exact_diag(model: nn.Module, data: Iterable[Any], *, params: Sequence[str] |
 # --- first-order TPV of a deterministic perturbation ---------------------------------------------------------
 
 @torch.no_grad()
+@contextlib.contextmanager
+def _attention_with_forward_ad() -> Iterator[None]:
+    """Attention kernels that forward-mode AD can differentiate: nn.MultiheadAttention's eval fast path
+    (``_native_multi_head_attention``) off, scaled-dot-product attention on its math backend (the flash kernel has
+    no JVP); both restored afterwards."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
 def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, Mapping[Any, Tensor]], *,
                    num_samples: int | None = None) -> dict[str, dict[Any, float]]:
     """E_x ||J_p(x) δ||² for each parameter p and each candidate perturbation δ of it (``deltas[p][key]``).
@@ -248,7 +265,8 @@ def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, M
         raise CompressError(f"no parameters named {unknown[:3]}", "use names from model.named_parameters()")
     total = sum(len(x) for x in inputs)
     out: dict[str, dict[Any, float]] = {}
-    with eval_mode(model), quiet_third_party():  # the first jvp loads torch decompositions via torch.jit.script
+    # the first jvp loads torch decompositions via torch.jit.script (quiet); attention kernels without forward AD off
+    with eval_mode(model), quiet_third_party(), _attention_with_forward_ad():
         for name, by_key in deltas.items():
             if not by_key:
                 out[name] = {}
@@ -268,7 +286,7 @@ def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, M
                 except (RuntimeError, NotImplementedError) as err:  # a model vmap cannot batch: one JVP per candidate
                     warnings.warn(f"vmap failed ({str(err).splitlines()[0]}); using one JVP per candidate")
                     sums += torch.stack([jvp_sq(x, t) for t in tangents])
-            out[name] = {k: float(v) / total for k, v in zip(keys, sums)}
+            out[name] = {k: float(v) / total for k, v in zip(keys, sums.detach())}
     return out
 
 

@@ -215,3 +215,34 @@ def test_linearized_tpv_names_unknown_parameters() -> None:
 
     with pytest.raises(CompressError, match="no parameters named"):
         linearized_tpv(tiny_mlp(), inputs(tiny_mlp(), 4, 4), {"nope.weight": {}})
+
+
+class _Attention(nn.Module):
+    """Linear -> self-attention (nn.MultiheadAttention, whose eval fast path has no forward-mode AD) -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_linearized_tpv_through_multihead_attention_matches_finite_differences() -> None:
+    """Transformers go through the JVP predictor too: E_x ||J δ||² through nn.MultiheadAttention in eval mode (its
+    fast path is switched off for the JVP) equals the small-ε limit of the measured output change."""
+    from criteria.tpv import linearized_tpv
+
+    torch.manual_seed(0)
+    model = _Attention().double().eval()
+    data = [torch.randn(4, 5, 3, dtype=torch.float64) for _ in range(2)]
+    d = torch.randn(8, 3, dtype=torch.float64)
+    with torch.no_grad():
+        got = linearized_tpv(model, data, {"embed.weight": {4: d}})["embed.weight"][4]
+        eps = 1e-6
+        measured = empirical_tpv(model, data, replaced_weights(lambda n, w: w + eps * d if n == "embed.weight" else None))
+    assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards
+    assert measured.value / eps ** 2 == pytest.approx(got, rel=1e-4)
