@@ -132,3 +132,14 @@ def _same_small(a: nn.Module, b: nn.Module) -> bool:
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         return torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_load_inside_no_grad(tmp_path):
+    """A pruned checkpoint loads inside torch.no_grad() (evaluation code often wraps everything in it), although
+    torch-pruning's replay traces through autograd."""
+    small = resolve("small_resnet")
+    pruned = prune(small, synthetic(32), "l1", Target(macs=0.6), steps=1, progress=False).model
+    path = save(pruned, tmp_path / "p.pt")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(load(path)(x), pruned.eval()(x))

@@ -84,7 +84,8 @@ def replay_pruning(model: nn.Module, spec: ModelSpec, sync: Callable[[nn.Module]
         return model
     import torch_pruning as tp
 
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=spec.example_input())
+    with torch.enable_grad():  # torch-pruning traces through autograd: load() must work inside torch.no_grad()
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=spec.example_input())
     try:
         graph.load_pruning_history([[n, o, list(i)] for n, o, i in spec.pruning_history])
     except (AttributeError, IndexError, KeyError, RuntimeError) as err:
