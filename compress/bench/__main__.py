@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..errors import CompressError
 
-BENCHMARKS = {"criteria": "criteria_speed", "pruning": "pruning", "quant": "quant", "deploy": "deploy"}
+BENCHMARKS = {"criteria": "criteria_speed", "pruning": "pruning", "quant": "quant", "deploy": "deploy",
+              "coverage": "coverage"}
 
 
 def main(argv: list[str] | None = None) -> int:

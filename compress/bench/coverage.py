@@ -1,0 +1,158 @@
+"""``python -m compress.bench coverage``: every torchvision classifier (or timm model) through the whole pipeline.
+
+Per model, at a small input (``--image-size``, or the model's minimum when larger): build (random weights) ->
+``prune`` (``--criterion``, ``--target`` MACs) -> ``plan_bits`` (``--avg-bits``) -> ``quantize`` -> ``export_onnx``
+-> onnxruntime parity with the quantized model -> ``save``/``load`` (identical outputs). The table gives the last
+stage reached, the MACs kept, the parity, the seconds and a one-line reason for the first failure. Random inputs
+and weights: it measures reach, not accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from exporters import export_onnx
+from exporters.check import check
+
+from ..atomic import write_text
+from ..checkpoint import load, save
+from ..data import synthetic
+from ..errors import CompressError
+from ..models import resolve, torchvision_archs
+from ..output import machine, markdown_table, write_json
+from ..plan import Budget, plan_bits
+from ..prune import Target, prune
+from ..quantize import quantize
+
+STAGES = ("build", "prune", "plan", "quantize", "export", "parity", "reload")
+TIMM_FAMILIES = ("resnet18", "resnext26ts", "efficientnet_b0", "mobilenetv3_small_100", "mobilenetv4_conv_small",
+                 "regnetx_002", "regnety_002", "ghostnet_100", "densenet121", "repvgg_a0", "convnext_atto",
+                 "vit_tiny_patch16_224", "deit_tiny_patch16_224", "mixnet_s", "rexnet_100", "dla34", "dpn48b",
+                 "hrnet_w18_small", "cspresnet50", "tinynet_a")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision")
+    p.add_argument("--models", nargs="+", default=None, help="names (default: every classifier of the zoo)")
+    p.add_argument("--image-size", type=int, default=64, help="input size, raised to a model's minimum")
+    p.add_argument("--criterion", default="jbr", help="pruning criterion (default: prune's default)")
+    p.add_argument("--target", type=float, default=0.5, help="MACs fraction kept")
+    p.add_argument("--avg-bits", type=float, default=5.0)
+    p.add_argument("--samples", type=int, default=16, help="calibration samples (random inputs)")
+
+
+def _torchvision_model(arch: str, size: int) -> tuple[nn.Module, int]:
+    import torchvision
+
+    minimum = 1
+    try:
+        minimum = int(torchvision.models.get_model_weights(arch).DEFAULT.meta.get("min_size", (1, 1))[0])
+    except (ValueError, KeyError, AttributeError):
+        pass
+    size = max(size, minimum)
+    kwargs: dict[str, Any] = {"num_classes": 10}
+    if arch.startswith("vit_"):
+        kwargs["image_size"] = size  # torchvision ViTs take any image size a multiple of the patch
+    return resolve(arch, kwargs=kwargs, input_shape=(3, size, size)).eval(), size
+
+
+def _timm_model(name: str, size: int) -> tuple[nn.Module, int]:
+    import timm  # optional dependency: the timm extra
+
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 10}
+    if "vit" in name or "deit" in name:
+        kwargs["img_size"] = size
+    return timm.create_model(name, **kwargs).eval(), size
+
+
+def _reason(stage: str, err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    origin = f" ({Path(where.filename).parent.name}/{Path(where.filename).name}:{where.lineno})" if where and not isinstance(err, CompressError) else ""
+    return f"{stage}: {type(err).__name__}: {text}{origin}"
+
+
+def run_one(name: str, build: Callable[[str, int], tuple[nn.Module, int]], args: argparse.Namespace,
+            folder: Path) -> dict[str, Any]:
+    """One model through every stage; the row records how far it got and why it stopped."""
+    row: dict[str, Any] = {"model": name, "reached": None, "size": None, "macs_ratio": None, "rel_diff": None,
+                           "reload_max_diff": None, "seconds": 0.0, "reason": ""}
+    start = time.perf_counter()
+    state: dict[str, Any] = {}
+
+    def step(stage: str) -> None:
+        if stage == "build":
+            state["dense"], row["size"] = build(name, args.image_size)
+            state["x"] = torch.zeros(1, 3, row["size"], row["size"])
+            state["data"] = synthetic(args.samples, (3, row["size"], row["size"]))
+        elif stage == "prune":
+            result = prune(state["dense"], state["data"], args.criterion, Target(macs=args.target),
+                           example_inputs=state["x"], calibration_samples=args.samples, batch_size=8, progress=False)
+            state["pruned"], row["macs_ratio"] = result.model, result.macs_ratio
+        elif stage == "plan":
+            state["plan"] = plan_bits(state["pruned"], state["data"], Budget(avg_bits=args.avg_bits),
+                                      example_inputs=state["x"], calibration_samples=args.samples, batch_size=8)
+        elif stage == "quantize":
+            state["quantized"] = quantize(state["pruned"], state["plan"])
+        elif stage == "export":
+            state["onnx"] = export_onnx(state["quantized"], state["x"], folder / f"{name}.onnx", overwrite=True).path
+        elif stage == "parity":
+            x = torch.randn(4, *state["x"].shape[1:], generator=torch.Generator().manual_seed(0))
+            report = check(state["onnx"], reference=state["quantized"], data=[x], latency_runs=1, batch_sizes=(1,))
+            row["rel_diff"] = report.rel_diff
+            if not report.passed:
+                raise CompressError("; ".join(report.failures))
+        elif stage == "reload":
+            path = save(state["quantized"], folder / f"{name}.pt", overwrite=True)
+            reloaded = load(path)
+            x = torch.randn(2, *state["x"].shape[1:], generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                row["reload_max_diff"] = float((reloaded(x) - state["quantized"](x)).abs().max())
+            if row["reload_max_diff"] != 0.0:
+                raise CompressError(f"the reloaded model differs by {row['reload_max_diff']:.2e}")
+
+    for stage in STAGES:
+        try:
+            step(stage)
+        except Exception as err:  # the benchmark records every failure as a row instead of stopping
+            row["reason"] = _reason(stage, err)
+            break
+        row["reached"] = stage
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    done = sum(r["reached"] == STAGES[-1] for r in rows)
+    header = (f"{args.zoo}: {done}/{len(rows)} models end to end ({100 * done / max(len(rows), 1):.0f}%), criterion "
+              f"{args.criterion}, MACs target {args.target}, {args.avg_bits} bits on average, random weights and "
+              "inputs.\n\n")
+    table = [[r["model"], r["size"] or "–", r["reached"] or "–", "–" if r["macs_ratio"] is None else f"{r['macs_ratio']:.3f}",
+              "–" if r["rel_diff"] is None else f"{r['rel_diff']:.1e}", f"{r['seconds']:.0f}", r["reason"] or "–"]
+             for r in rows]
+    return header + markdown_table(["model", "input", "stage reached", "MACs kept", "ONNX parity", "s", "first failure"],
+                                   table)
+
+
+def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    if args.zoo == "timm":
+        build, names = _timm_model, list(args.models or TIMM_FAMILIES)
+    else:
+        build, names = _torchvision_model, list(args.models or torchvision_archs())
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="compress-coverage-") as tmp:
+        for name in names:
+            rows.append(run_one(name, build, args, Path(tmp)))
+            print(f"{name}: {rows[-1]['reached']} {rows[-1]['reason']}", flush=True)
+            payload = {"benchmark": "coverage", "machine": machine(), "settings": vars(args), "rows": rows}
+            write_json(out / "coverage.json", payload)  # after every model: a long sweep keeps what it measured
+            write_text(out / "coverage.md", _markdown(rows, args), overwrite=True)
+    return payload
