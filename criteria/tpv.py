@@ -233,7 +233,6 @@ def exact_diag(model: nn.Module, data: Iterable[Any], *, params: Sequence[str] |
 
 # --- first-order TPV of a deterministic perturbation ---------------------------------------------------------
 
-@torch.no_grad()
 @contextlib.contextmanager
 def _attention_with_forward_ad() -> Iterator[None]:
     """Attention kernels that forward-mode AD can differentiate: nn.MultiheadAttention's eval fast path
@@ -250,6 +249,7 @@ def _attention_with_forward_ad() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
+@torch.no_grad()
 def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, Mapping[Any, Tensor]], *,
                    num_samples: int | None = None) -> dict[str, dict[Any, float]]:
     """E_x ||J_p(x) δ||² for each parameter p and each candidate perturbation δ of it (``deltas[p][key]``).
@@ -286,7 +286,7 @@ def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, M
                 except (RuntimeError, NotImplementedError) as err:  # a model vmap cannot batch: one JVP per candidate
                     warnings.warn(f"vmap failed ({str(err).splitlines()[0]}); using one JVP per candidate")
                     sums += torch.stack([jvp_sq(x, t) for t in tangents])
-            out[name] = {k: float(v) / total for k, v in zip(keys, sums.detach())}
+            out[name] = {k: float(v) / total for k, v in zip(keys, sums)}
     return out
 
 
