@@ -26,8 +26,8 @@ from .adapters.spec import ModelSpec, attach_spec, user_spec
 from .atomic import atomic_path
 from .backends import reload_device
 from .errors import CompressError
-from .rebuild import build
 from .quiet import load_torchao
+from .rebuild import build
 
 FORMAT = "compress-checkpoint"
 VERSION = 1

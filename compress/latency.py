@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from exporters import export_onnx
-from exporters.check import input_spec, open_session, session_latency_ms
+from exporters.check import open_runner
+from exporters.runtimes import latency_ms
 
 
 def onnx_latency_ms(model: nn.Module, example_inputs: torch.Tensor, *, batch_size: int = 1, runs: int = 20,
@@ -24,9 +25,7 @@ def onnx_latency_ms(model: nn.Module, example_inputs: torch.Tensor, *, batch_siz
     with tempfile.TemporaryDirectory(prefix="compress-latency-") as folder:
         path = Path(folder) / "model.onnx"
         export_onnx(model, example_inputs[:1].detach().cpu(), path, **export_options)
-        session, _ = open_session(path, threads)
-        name, shape = input_spec(session)
-        return session_latency_ms(session, name, shape, batch_size, runs)
+        return latency_ms(open_runner(path, "onnxruntime", threads), batch_size, runs)
 
 
 @torch.no_grad()

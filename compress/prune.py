@@ -34,7 +34,6 @@ from .recover import recalibrate_bn
 from .validation import check_calibration, check_finite_weights
 
 
-
 @dataclass(frozen=True)
 class Target:
     """What to keep, as a fraction of the dense model: ``macs=0.5`` keeps half the multiply-accumulates.

@@ -110,11 +110,6 @@ def open_session(path: str | Path, threads: int = 2, *, tuned: bool = True) -> t
     return session, disable_qdq
 
 
-def input_spec(session: Any) -> tuple[str, tuple[int | None, ...]]:
-    meta = session.get_inputs()[0]
-    return meta.name, tuple(d if isinstance(d, int) else None for d in meta.shape)
-
-
 def _fit(x: torch.Tensor, shape: tuple[int | None, ...], path: Path) -> np.ndarray:
     """``x`` as float32 numpy, or a CompressError when it does not fit the file's input shape."""
     if x.dim() != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
@@ -134,11 +129,6 @@ def _random_batches(shape: tuple[int | None, ...], seed: int = 0) -> list[torch.
 @torch.no_grad()
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return predict(model, x).float().cpu()
-
-
-def session_latency_ms(session: Any, name: str, shape: tuple[int | None, ...], batch_size: int, runs: int) -> float:
-    """Median milliseconds of ``runs`` runs of an onnxruntime ``session`` on one random batch, after warm-up."""
-    return latency_ms(onnxruntime_runner(session, tuned=False), batch_size, runs)
 
 
 def open_runner(path: Path, runtime: str, threads: int, *, tuned: bool = True) -> Runner:

@@ -44,8 +44,24 @@ class PlanProblem:
     seed: int
 
 
-def _weight_name(param: str) -> str:
+def weight_name(param: str) -> str:
+    """The layer of a ``<layer>.weight`` parameter name."""
     return param[: -len(".weight")]
+
+
+def split_candidates(problem: PlanProblem) -> tuple[dict[str, torch.Tensor], dict[Any, list[str]]]:
+    """The candidates of the free layers as the diagonal scores need them: per layer with a float8 candidate its
+    squared error (Q(w) − w)² on the unfolded weight (float64), and per integer quantizer the layers it predicts."""
+    float8_errors: dict[str, torch.Tensor] = {}
+    by_spec: dict[Any, list[str]] = {}
+    for n in problem.free:
+        for c in problem.options[n]:
+            if c == FLOAT8:
+                w = problem.layers[n].weight.detach()
+                float8_errors[n] = (problem.backend.dequantized(w, c, problem.configs[n, c]) - w).double() ** 2
+            elif c != FLOAT:
+                by_spec.setdefault(problem.configs[n, c].spec, []).append(n)
+    return float8_errors, by_spec
 
 
 class TPVPredictor:
@@ -68,19 +84,13 @@ class DiagPredictor(TPVPredictor):
         diag = hutchinson_diag(problem.model, problem.calib, params=pnames, estimator="batched",
                                probes=problem.probes, seed=problem.seed).diag
         tpv: Scores = {n: {} for n in problem.free}
-        by_spec: dict[Any, list[str]] = {}  # integer quantizer -> layers it predicts
-        for n in problem.free:
-            for c in problem.options[n]:
-                if c == FLOAT8:
-                    w = problem.layers[n].weight.detach()
-                    error = (problem.backend.dequantized(w, c, problem.configs[n, c]) - w).double() ** 2
-                    tpv[n][c] = float((error * diag[f"{n}.weight"].to(error)).sum())
-                elif c != FLOAT:
-                    by_spec.setdefault(problem.configs[n, c].spec, []).append(n)
+        float8_errors, by_spec = split_candidates(problem)
+        for n, error in float8_errors.items():
+            tpv[n][FLOAT8] = float((error * diag[f"{n}.weight"].to(error)).sum())
         for spec, names in by_spec.items():
             params = [f"{n}.weight" for n in names]
             for p, v in predicted_tpv(problem.model, {p: diag[p] for p in params}, spec, self.name).items():
-                tpv[_weight_name(p)][spec.bits] = float(v.sum())
+                tpv[weight_name(p)][spec.bits] = float(v.sum())
         return tpv
 
 
@@ -93,20 +103,14 @@ class JVPPredictor(TPVPredictor):
     def predict(self, problem: PlanProblem) -> Scores:
         folded_model = fold_batchnorm(problem.model)
         folded = weight_layers(folded_model)
-        deltas: dict[str, dict[Choice, torch.Tensor]] = {f"{n}.weight": {} for n in problem.free}
+        deltas: dict[str, dict[Choice, torch.Tensor]] = {}
         for n in problem.free:
             wf = folded[n].weight.detach()
-            for c in problem.options[n]:
-                if c == FLOAT8:
-                    deltas[f"{n}.weight"][c] = problem.backend.dequantized(wf, c, problem.configs[n, c]) - wf
-        for n in problem.free:  # then the integer candidates
-            wf = folded[n].weight.detach()
-            for c in problem.options[n]:
-                if c not in (FLOAT, FLOAT8):
-                    deltas[f"{n}.weight"][c] = problem.backend.dequantized(wf, c, problem.configs[n, c]) - wf
+            quantized = sorted((c for c in problem.options[n] if c != FLOAT), key=lambda c: c != FLOAT8)  # float8 first
+            deltas[f"{n}.weight"] = {c: problem.backend.dequantized(wf, c, problem.configs[n, c]) - wf for c in quantized}
         tpv: Scores = {n: {} for n in problem.free}
         for p, values in linearized_tpv(folded_model, problem.calib, deltas).items():
-            tpv[_weight_name(p)].update(values)
+            tpv[weight_name(p)].update(values)
         return tpv
 
 

@@ -25,7 +25,7 @@ from ..plan import ALLOCATORS, PREDICTORS
 
 def _recipes_dir() -> Path:
     """The shipped recipes: ``compress/recipes/`` in an installed wheel (the top-level recipes/ folder, shipped as
-    package data, see setup.py), else the source checkout's top-level ``recipes/`` (editable install, or the
+    package data, see pyproject.toml), else the source checkout's top-level ``recipes/`` (editable install, or the
     checkout on sys.path)."""
     package = Path(__file__).resolve().parents[1]
     installed = package / "recipes"
@@ -208,8 +208,12 @@ def _reason(err: BaseException) -> str:
     """``err`` as a short one-line reason."""
     if isinstance(err, RecursionError):
         return "nested too deeply"
-    text = " ".join(str(err).split())
-    return text if len(text) <= 120 else text[:117] + "..."
+    return _clip(" ".join(str(err).split()), 120)
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in "..." when cut."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
@@ -243,7 +247,7 @@ def _short(value: Any) -> str:
         text = repr(value)
     except ValueError:  # int repr over the 4300-digit limit
         return f"<int of about {value.bit_length() * 0.30103:.0f} digits>"
-    return text if len(text) <= 80 else text[:77] + "..."
+    return _clip(text, 80)
 
 
 def _section(cls: type, table: Any, where: str) -> Any:
