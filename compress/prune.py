@@ -144,9 +144,11 @@ def _modules_named(model: nn.Module, names: list[str]) -> list[nn.Module]:
     return [named[n] for n in names]
 
 
-def _scores_tied(model: nn.Module, example_inputs: torch.Tensor, importance: Any, ignored: list[nn.Module]) -> bool:
+def _scores_tied(model: nn.Module, example_inputs: torch.Tensor, importance: Any, ignored: list[nn.Module],
+                 adapter: ModelAdapter) -> bool:
     """Whether ``importance`` scores every prunable channel of ``model`` equally (torch-pruning then removes none)."""
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    with adapter.tracing(model):
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     scores = [importance(g) for g in graph.get_all_groups(ignored_layers=ignored,
                                                            root_module_types=(nn.Conv2d, nn.Linear))]
     values = torch.cat([s.flatten().float() for s in scores if s is not None and s.numel()] or [torch.zeros(0)])
@@ -190,12 +192,23 @@ class _Run:
     max_bisections: int
 
 
+def grouped_convs(model: nn.Module) -> list[nn.Module]:
+    """Grouped convolutions other than depthwise ones (groups > 1, not in = out = groups). Their output channels
+    are not pruned: torch-pruning takes any conv with ``groups == out_channels`` for a depthwise one, so once
+    pruning leaves one output channel per group it prunes that conv and its neighbours inconsistently (the model
+    breaks, or its history no longer replays). Their input channels are still pruned, the same in every group."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and not m.in_channels == m.out_channels == m.groups]
+
+
 def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, float, list]:
     """Prune ``net`` in place by one pruner step at ``channel_ratio``; (net, metric fraction, history entries)."""
-    pruner = tp.pruner.BasePruner(net, run.example, importance=run.importance, global_pruning=run.global_pruning,
-                                  pruning_ratio=channel_ratio, max_pruning_ratio=run.max_layer_ratio,
-                                  iterative_steps=1, ignored_layers=_modules_named(net, run.ignored),
-                                  round_to=run.round_to or run.adapter.round_to(net))
+    with run.adapter.tracing(net):
+        pruner = tp.pruner.BasePruner(net, run.example, importance=run.importance, global_pruning=run.global_pruning,
+                                      pruning_ratio=channel_ratio, max_pruning_ratio=run.max_layer_ratio,
+                                      iterative_steps=1,
+                                      ignored_layers=_modules_named(net, run.ignored) + grouped_convs(net),
+                                      round_to=run.round_to or run.adapter.round_to(net))
     criteria.prepare(run.importance, net, run.calib)
     pruner.step()
     run.adapter.sync_after_pruning(net)
@@ -203,33 +216,45 @@ def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, 
     return net, value, [tuple(h) for h in pruner.pruning_history()]
 
 
+def _next_guess(lo: tuple[float, float], hi: tuple[float, float], aim: float) -> float:
+    """Safeguarded secant step on the channel ratio: interpolate √value (MACs ~ kept channel fraction²) between the
+    bracketing trials ``lo`` (ratio, value) and ``hi`` towards ``aim``, kept inside the middle 80% of the bracket
+    so the bracket always shrinks."""
+    (r_lo, v_lo), (r_hi, v_hi) = lo, hi
+    span = v_lo ** 0.5 - v_hi ** 0.5
+    t = (v_lo ** 0.5 - aim ** 0.5) / span if span > 0 else 0.5
+    return r_lo + (r_hi - r_lo) * min(0.9, max(0.1, t))
+
+
 def _bisect(run: _Run, model: nn.Module, goal: float, current: float) -> tuple | None:
-    """Bisection on one step's channel ratio (the number of channels removed is monotone in it): the first trial
-    in [goal - tolerance, goal]; otherwise the closest trial at or below the goal. Channel groups are indivisible:
-    when one group's removal jumps across the whole window below the goal, the closest trial above the goal is
-    taken if it lies within the tolerance. Returns (model, value, entries, ratio), or None when nothing fits."""
-    lo, hi = 0.0, 1.0
-    guess = min(0.9, max(1e-3, 1.0 - (goal / current) ** 0.5))  # MACs ~ (kept channel fraction)^2
+    """Search one step's channel ratio (the number of channels removed is monotone in it) by a safeguarded secant
+    aimed at the middle of the window [goal - tolerance, goal]: the first trial inside it; otherwise the closest
+    trial at or below the goal. Channel groups are indivisible: when one group's removal jumps across the whole
+    window below the goal, the closest trial above the goal is taken if it lies within the tolerance. Returns
+    (model, value, entries, ratio), or None when nothing fits."""
+    aim = max(goal - run.tolerance / 2, 1e-9)
+    lo, hi = (0.0, current), (1.0, 0.0)  # (channel ratio, value): ratio 0 removes nothing; 1 at most everything
+    guess = _next_guess(lo, hi, aim)
     best = above = None
     for _ in range(run.max_bisections):
         trial, value, entries = _trial(run, copy.deepcopy(model), guess)
-        if value <= goal + 1e-12 and (best is None or value > best[1]):
-            best = (trial, value, entries, guess)
-        elif value > goal + 1e-12 and value < current - 1e-12 and (above is None or value < above[1]):
-            above = (trial, value, entries, guess)
         if value > goal + 1e-12:
-            lo = guess  # removed too little
-        elif value < goal - run.tolerance:
-            hi = guess  # removed too much
+            if value < current - 1e-12 and (above is None or value < above[1]):
+                above = (trial, value, entries, guess)
+            lo = (guess, value)  # removed too little
         else:
+            if best is None or value > best[1]:
+                best = (trial, value, entries, guess)
+            if value >= goal - run.tolerance:
+                break
+            hi = (guess, value)  # removed too much
+        if hi[0] - lo[0] < 1e-6:
             break
-        if hi - lo < 1e-6:
-            break
-        guess = (lo + hi) / 2
+        guess = _next_guess(lo, hi, aim)
     if above is not None and above[1] <= goal + run.tolerance and (best is None or best[1] < goal - run.tolerance):
         best = above
     if best is None and above is None and _scores_tied(model, run.example, run.importance,
-                                                      _modules_named(model, run.ignored)):
+                                                      _modules_named(model, run.ignored), run.adapter):
         raise CompressError(f"criterion {run.name!r} gives every prunable channel the same score, so no channel can "
                             "be ranked (all 0 when the output ignores them, e.g. torchvision ViT's zero-initialised head before "
                             "training)", "prune a trained model, or use a weight-based criterion such as l1")

@@ -37,7 +37,7 @@ def _replay_onto(model: nn.Module, spec: ModelSpec) -> nn.Module:
     model.cpu()  # the history is replayed with a CPU example input
     adapter = adapter_named(spec.adapter)
     try:
-        return replay_pruning(model, spec, adapter.sync_after_pruning)
+        return replay_pruning(model, spec, adapter)
     except CompressError:
         raise
     except Exception as err:  # torch-pruning's own errors on a module of another shape

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from compress.adapters import adapter_for
 from compress.data import inputs_of, labels_of
 from compress.errors import CompressError
 from compress.macs import layer_macs
@@ -146,7 +147,8 @@ class GateImportance(CalibratedImportance):
                 if index == 0:
                     self.example_input = x[:1].detach()
                     if graph is None:
-                        graph = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_input)
+                        with adapter_for(model).tracing(model):
+                            graph = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_input)
                     handles = [m.register_forward_hook(hook(n)) for n, m in gate_points(model, graph).items()]
                 gates.clear()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):

@@ -44,6 +44,17 @@ class QuantizedWeight:
         return PackedLayer(name, self.bits, self.container, self.axis, self.block_size, self.zero_point is not None,
                            tuple(self.data.shape))
 
+    def transposed(self) -> "QuantizedWeight":
+        """The same 2-D weight stored as Wᵀ (what the exporter folds a Linear on channels-last inputs into: MatMul
+        with Wᵀ): data, scales and zero points transposed, the blocking axis swapped."""
+        if self.data.ndim != 2:
+            raise CompressError(f"only 2-D weights can be stored transposed, got shape {self.data.shape}",
+                                "report this model to the toolkit maintainers")
+        flip = (lambda a: a.T.copy()) if self.block_size else (lambda a: a)  # per-tensor scale: a scalar
+        return replace(self, data=self.data.T.copy(), scale=flip(self.scale),
+                       zero_point=None if self.zero_point is None else flip(self.zero_point),
+                       axis=1 - self.axis if self.block_size else 0, dequantized=self.dequantized.T.contiguous())
+
 
 def weight_bits(weight: torch.Tensor) -> int:
     """The bit-width of a torchao integer weight (asked of the backend), or a CompressError."""
@@ -186,6 +197,19 @@ def fold_batchnorm_in_place(model: nn.Module, packs: dict[str, QuantizedWeight])
     return into_scales
 
 
+def _transposed_initializer(graph: ir.Graph, layer: str, packed: QuantizedWeight) -> tuple[ir.Value, QuantizedWeight, str]:
+    """A Linear applied to channels-last inputs (ConvNeXt's blocks) is exported as MatMul with a constant-folded
+    Wᵀ under a generated name: find the one initializer holding exactly Wᵀ and pack it transposed."""
+    if packed.data.ndim == 2:
+        target = packed.dequantized.T.numpy()
+        found = [v for v in graph.initializers.values() if v.const_value is not None
+                 and tuple(v.const_value.shape) == target.shape and np.array_equal(v.const_value.numpy(), target)]
+        if len(found) == 1:
+            return found[0], packed.transposed(), f"{layer}.weight_transposed"
+    raise CompressError(f"the exported graph has no initializer {layer + '.weight'!r} (nor its transpose) for "
+                        f"quantized layer {layer}", "report this model to the toolkit maintainers")
+
+
 def pack_initializers(model: ir.Model, packs: Mapping[str, QuantizedWeight]) -> None:
     """Replace each packed layer's float weight initializer by integers -> DequantizeLinear (in place)."""
     graph = model.graph
@@ -194,12 +218,11 @@ def pack_initializers(model: ir.Model, packs: Mapping[str, QuantizedWeight]) -> 
         name = f"{layer}.weight"
         old = graph.initializers.get(name)
         if old is None:
-            raise CompressError(f"the exported graph has no initializer {name!r} for quantized layer {layer}",
-                                "report this model to the toolkit maintainers")
+            old, packed, name = _transposed_initializer(graph, layer, packed)
         if old.const_value is None or not np.array_equal(old.const_value.numpy(), packed.dequantized.numpy()):
             raise CompressError(f"the ONNX exporter changed the weight of quantized layer {layer} (fused an op into it)",
                                 "fold BatchNorm before quantizing: exporters.fold_batchnorm(model), then quantize_")
-        graph.initializers.pop(name)
+        graph.initializers.pop(old.name)
         old.name = f"{name}.float"
         inputs = [ir.Value(name=f"{name}_quantized", const_value=ir.Tensor(packed.data, name=f"{name}_quantized")),
                   ir.Value(name=f"{name}_scale", const_value=ir.Tensor(packed.scale, name=f"{name}_scale"))]

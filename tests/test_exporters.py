@@ -185,6 +185,33 @@ def test_torchvision_parity(arch, tmp_path) -> None:
         assert any("one input channel" in reason for reason in int4.float_layers.values())
 
 
+class ChannelsLastMLP(nn.Module):
+    """ConvNeXt's block pattern: Linear layers applied to channels-last activations (exported as MatMul with Wᵀ)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down(torch.relu(self.up(self.conv(x).permute(0, 2, 3, 1))))
+        return y.permute(0, 3, 1, 2).mean((2, 3))
+
+
+@pytest.mark.parametrize("up, down", [(intx(4), intx(8)), (intx(4, 8, asymmetric=True), intx(8, 16))])
+def test_channels_last_linear_is_packed_transposed(up, down, tmp_path) -> None:
+    torch.manual_seed(0)
+    quantized = torchao_quantized(ChannelsLastMLP().eval(), {"up": up, "down": down})
+    result = export_onnx(quantized, IMAGENET_INPUT[:, :, :8, :8], tmp_path / "mlp.onnx")
+    packed = {p.name: p for p in result.packed}
+    assert set(packed) == {"up", "down"} and packed["up"].weight_shape == (64, 16) and packed["down"].bits == 8
+    types = initializer_types(result.path)
+    assert types["up.weight_transposed_quantized"] in PACKED_TYPES and not any(t == onnx.TensorProto.FLOAT and
+                                                                                 n.startswith("val_") for n, t in types.items())
+    report = check(result.path, quantized, [torch.randn(4, 3, 8, 8)], latency_runs=1, batch_sizes=(1,))
+    assert report.passed and report.rel_diff <= 1e-5, report.failures
+
+
 def test_check_fails_against_another_model(fp32_file, test_batches) -> None:
     other = resolve("small_resnet")  # random weights, same structure
     report = check(fp32_file.path, other, test_batches, latency_runs=1, batch_sizes=(1,))

@@ -68,3 +68,37 @@ def test_prune_torchvision_structure(arch, kwargs, size, criterion, tmp_path) ->
     loaded = load(save(result, tmp_path / "pruned.pt"))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), out)
+
+
+def _grouped(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels}
+
+
+@pytest.mark.parametrize("arch", ["shufflenet_v2_x0_5", "regnet_y_400mf"])
+def test_prune_shuffles_and_grouped_convs_over_several_steps(arch, tmp_path) -> None:
+    """ShuffleNetV2 (channel shuffle: torch-pruning cannot trace it) prunes inside its branches and keeps every block's
+    output; RegNetY's grouped convs keep their output channels (torch-pruning mistakes a grouped conv with one
+    channel per group for a depthwise one). Both over several steps, and both reload to identical outputs."""
+    torch.manual_seed(0)
+    model = resolve(arch, "random", kwargs={"num_classes": 10}, input_shape=(3, 64, 64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    blocks_before = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    grouped_before = _grouped(model)
+    result = prune(model, synthetic(8, (3, 64, 64)), criterion="jbr", target=Target(macs=0.5), example_inputs=x[:1],
+                   steps=3, calibration_samples=8, batch_size=8, progress=False)
+    pruned = result.model.eval()
+    assert abs(result.macs_ratio - 0.5) <= 0.02, result.macs_ratio
+    _consistent(pruned)
+    after = {n: m.out_channels for n, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
+    if arch.startswith("shufflenet"):
+        last_of_branch = [n for n in after if n.endswith(("branch1.2", "branch2.5"))]
+        assert last_of_branch and all(after[n] == blocks_before[n] for n in last_of_branch)
+        assert any(after[n] < blocks_before[n] for n in after if n.endswith("branch2.0"))
+    else:
+        assert grouped_before and {n: after[n] for n in grouped_before} == grouped_before
+    with torch.no_grad():
+        out = pruned(x)
+    loaded = load(save(result, tmp_path / "pruned.pt"))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), out)

@@ -10,8 +10,9 @@ registering an instance (:func:`compress.adapters.register`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -67,6 +68,10 @@ class ModelAdapter:
     def never_pruned(self, model: nn.Module) -> list[nn.Module]:
         """Layers whose outputs are never pruned (classifier, LM head, embeddings)."""
         raise NotImplementedError
+
+    def tracing(self, model: nn.Module) -> ContextManager[None]:
+        """A context in which torch-pruning traces ``model`` (to build its dependency graph); default: as it is."""
+        return contextlib.nullcontext()
 
     def round_to(self, model: nn.Module) -> int | None:
         """The channel multiple the structure requires (attention heads keep equal widths), or None."""

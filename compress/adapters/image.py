@@ -9,7 +9,8 @@ building candidates on the meta device and comparing parameter shapes, so they r
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from ..data import inputs_of
 from ..errors import CompressError
 from ..small_resnet import SmallResNet
 from .base import InputSpec, ModelAdapter
+from .shuffle import opaque_shuffle, shuffle_outputs
 from .spec import IMAGENET_INPUT_SHAPE, ModelSpec, spec_of
 
 LOCAL_ARCHS: dict[str, Callable[..., nn.Module]] = {"small_resnet": SmallResNet}
@@ -78,20 +80,20 @@ def num_classes(model: nn.Module) -> int | None:
     return last[-1].out_features if isinstance(last[-1], nn.Linear) else last[-1].out_channels
 
 
-def replay_pruning(model: nn.Module, spec: ModelSpec, sync: Callable[[nn.Module], nn.Module]) -> nn.Module:
+def replay_pruning(model: nn.Module, spec: ModelSpec, adapter: ModelAdapter) -> nn.Module:
     """Re-apply ``spec.pruning_history`` to a freshly built, unpruned ``model`` (torch-pruning's replay)."""
     if not spec.pruning_history:
         return model
     import torch_pruning as tp
 
-    with torch.enable_grad():  # torch-pruning traces through autograd: load() must work inside torch.no_grad()
+    with torch.enable_grad(), adapter.tracing(model):  # torch-pruning traces through autograd: load() must work inside torch.no_grad()
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=spec.example_input())
     try:
         graph.load_pruning_history([[n, o, list(i)] for n, o, i in spec.pruning_history])
     except (AttributeError, IndexError, KeyError, RuntimeError) as err:
         raise CompressError(f"pruning history does not fit architecture {spec.arch}: {err}",
                             "load the checkpoint with the toolkit version that wrote it") from err
-    return sync(model)
+    return adapter.sync_after_pruning(model)
 
 
 def torchvision_weights(arch: str, name: str) -> Any:
@@ -108,6 +110,30 @@ def torchvision_weights(arch: str, name: str) -> Any:
     except KeyError as err:
         options = ", ".join(["DEFAULT"] + [w.name for w in enum])
         raise CompressError(f"{arch} has no weights {name!r}", f"use one of {options}, a file path, train or random") from err
+
+
+def _built(arch: str, kwargs: dict[str, Any], device: str) -> nn.Module | None:
+    """``arch`` built on ``device`` (its construction warnings silenced), or None when it cannot be."""
+    try:
+        with warnings.catch_warnings(), torch.device(device):
+            warnings.simplefilter("ignore")  # e.g. googlenet's init_weights FutureWarning: a throwaway build
+            return builder(arch)(**kwargs)
+    except Exception:  # a builder that rejects these kwargs or this device is simply not a match
+        return None
+
+
+def _same_structure(candidate: nn.Module, model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> bool:
+    return type(candidate) is type(model) and {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes
+
+
+def _listed_params(arch: str) -> int:
+    """The parameter count torchvision lists for ``arch``'s default weights (0 when it lists none)."""
+    import torchvision
+
+    try:
+        return int(torchvision.models.get_model_weights(arch).DEFAULT.meta.get("num_params", 0))
+    except (ValueError, KeyError, AttributeError):
+        return 0
 
 
 class ImageClassifierAdapter(ModelAdapter):
@@ -148,7 +174,10 @@ class ImageClassifierAdapter(ModelAdapter):
         return model(x.to(first.device, first.dtype if x.is_floating_point() else x.dtype))
 
     def never_pruned(self, model: nn.Module) -> list[nn.Module]:
-        return [classifier_layer(model)]
+        return [classifier_layer(model)] + shuffle_outputs(model)
+
+    def tracing(self, model: nn.Module) -> ContextManager[None]:
+        return opaque_shuffle(model)
 
     def round_to(self, model: nn.Module) -> int | None:
         heads = list(self.attention_heads(model).values())
@@ -165,19 +194,25 @@ class ImageClassifierAdapter(ModelAdapter):
         return model
 
     def identify(self, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> ModelSpec | None:
-        """Find the builder that produced an unrecorded ``model`` (same class, same parameter names and shapes);
-        candidates are built on the meta device, so this costs no memory or weight initialisation."""
+        """Find the builder that produced an unrecorded ``model`` (same class, same parameter names and shapes).
+        Candidates from the model's own module are built on the meta device (no memory, no initialisation); those
+        that cannot be (RegNet computes its widths with tensors) are built on the CPU, the closest in parameter
+        count first, until one matches."""
         recorded = spec_of(model)
         if recorded is not None:
             return recorded
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        unbuilt = []
         for arch, kwargs in self._candidates(model):
-            try:
-                with torch.device("meta"):
-                    candidate = builder(arch)(**kwargs)
-            except Exception:  # a builder that rejects these kwargs is simply not a match
-                continue
-            if type(candidate) is type(model) and {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
+            candidate = _built(arch, kwargs, "meta")
+            if candidate is None:
+                unbuilt.append((arch, kwargs))
+            elif _same_structure(candidate, model, shapes):
+                return make_spec(arch, kwargs, input_shape)
+        size = sum(p.numel() for p in model.parameters())
+        for arch, kwargs in sorted(unbuilt, key=lambda c: abs(_listed_params(c[0]) - size)):
+            candidate = _built(arch, kwargs, "cpu")
+            if candidate is not None and _same_structure(candidate, model, shapes):
                 return make_spec(arch, kwargs, input_shape)
         return None
 
@@ -189,8 +224,11 @@ class ImageClassifierAdapter(ModelAdapter):
             return [("small_resnet", {"in_channels": model.conv1.in_channels, "num_classes": model.fc.out_features,
                                       "widths": widths, "blocks": blocks})]
         if type(model).__module__.startswith("torchvision.models"):
+            import torchvision
+
             classes = num_classes(model)
-            return [(arch, {"num_classes": classes} if classes else {}) for arch in torchvision_archs()]
+            return [(arch, {"num_classes": classes} if classes else {}) for arch in torchvision_archs()
+                    if torchvision.models.get_model_builder(arch).__module__ == type(model).__module__]
         return []
 
     def rebuild(self, spec: ModelSpec) -> nn.Module:
@@ -198,4 +236,4 @@ class ImageClassifierAdapter(ModelAdapter):
             model = builder(spec.arch)(**spec.kwargs)
         except TypeError as err:
             raise CompressError(f"bad arguments for {spec.arch}: {err}", "check the model kwargs") from err
-        return replay_pruning(model, spec, self.sync_after_pruning)
+        return replay_pruning(model, spec, self)

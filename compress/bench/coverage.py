@@ -10,6 +10,9 @@ and weights: it measures reach, not accuracy.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -47,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=float, default=0.5, help="MACs fraction kept")
     p.add_argument("--avg-bits", type=float, default=5.0)
     p.add_argument("--samples", type=int, default=16, help="calibration samples (random inputs)")
+    p.add_argument("--steps", type=int, default=5, help="pruning steps (prune's default: 5)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per model: each model then runs in its own process, so a model that runs out of "
+                        "time or memory becomes a row instead of ending the sweep")
+    p.add_argument("--resume", action="store_true", help="keep the rows of coverage.json in --out, run the others")
 
 
 def _torchvision_model(arch: str, size: int) -> tuple[nn.Module, int]:
@@ -95,7 +103,8 @@ def run_one(name: str, build: Callable[[str, int], tuple[nn.Module, int]], args:
             state["data"] = synthetic(args.samples, (3, row["size"], row["size"]))
         elif stage == "prune":
             result = prune(state["dense"], state["data"], args.criterion, Target(macs=args.target),
-                           example_inputs=state["x"], calibration_samples=args.samples, batch_size=8, progress=False)
+                           example_inputs=state["x"], steps=args.steps, calibration_samples=args.samples, batch_size=8,
+                           progress=False)
             state["pruned"], row["macs_ratio"] = result.model, result.macs_ratio
         elif stage == "plan":
             state["plan"] = plan_bits(state["pruned"], state["data"], Budget(avg_bits=args.avg_bits),
@@ -130,10 +139,31 @@ def run_one(name: str, build: Callable[[str, int], tuple[nn.Module, int]], args:
     return row
 
 
+def run_isolated(name: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """``run_one`` in a child process limited to ``args.timeout`` seconds; a child that times out or dies (e.g.
+    killed for memory) gives a row saying so."""
+    child_out = folder / f"{name}.child"
+    command = [sys.executable, "-m", "compress.bench", "coverage", "--out", str(child_out), "--zoo", args.zoo,
+               "--models", name, "--image-size", str(args.image_size), "--criterion", args.criterion,
+               "--target", str(args.target), "--avg-bits", str(args.avg_bits), "--samples", str(args.samples),
+               "--steps", str(args.steps)]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        rows = json.loads((child_out / "coverage.json").read_text())["rows"] if done.returncode == 0 else []
+        if rows:
+            return rows[0]
+        reason = f"the process ended with exit code {done.returncode}" + (" (killed: out of memory?)" if done.returncode < 0 else "")
+    except subprocess.TimeoutExpired:
+        reason = f"timeout: not done in {args.timeout:.0f} s"
+    return {"model": name, "reached": None, "size": None, "macs_ratio": None, "rel_diff": None, "reload_max_diff": None,
+            "seconds": time.perf_counter() - start, "reason": reason}
+
+
 def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     done = sum(r["reached"] == STAGES[-1] for r in rows)
     header = (f"{args.zoo}: {done}/{len(rows)} models end to end ({100 * done / max(len(rows), 1):.0f}%), criterion "
-              f"{args.criterion}, MACs target {args.target}, {args.avg_bits} bits on average, random weights and "
+              f"{args.criterion}, MACs target {args.target} in {args.steps} steps, {args.avg_bits} bits on average, random weights and "
               "inputs.\n\n")
     table = [[r["model"], r["size"] or "–", r["reached"] or "–", "–" if r["macs_ratio"] is None else f"{r['macs_ratio']:.3f}",
               "–" if r["rel_diff"] is None else f"{r['rel_diff']:.1e}", f"{r['seconds']:.0f}", r["reason"] or "–"]
@@ -147,12 +177,22 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         build, names = _timm_model, list(args.models or TIMM_FAMILIES)
     else:
         build, names = _torchvision_model, list(args.models or torchvision_archs())
+    order = {n: i for i, n in enumerate(names)}
     rows: list[dict[str, Any]] = []
+    if args.resume and (out / "coverage.json").exists():
+        rows = [r for r in json.loads((out / "coverage.json").read_text())["rows"] if r["model"] in names]
+        names = [n for n in names if n not in {r["model"] for r in rows}]
     with tempfile.TemporaryDirectory(prefix="compress-coverage-") as tmp:
         for name in names:
-            rows.append(run_one(name, build, args, Path(tmp)))
-            print(f"{name}: {rows[-1]['reached']} {rows[-1]['reason']}", flush=True)
-            payload = {"benchmark": "coverage", "machine": machine(), "settings": vars(args), "rows": rows}
-            write_json(out / "coverage.json", payload)  # after every model: a long sweep keeps what it measured
-            write_text(out / "coverage.md", _markdown(rows, args), overwrite=True)
+            row = run_isolated(name, args, Path(tmp)) if args.timeout else run_one(name, build, args, Path(tmp))
+            rows = sorted(rows + [row], key=lambda r: order[r["model"]])
+            print(f"{name}: {row['reached']} {row['reason']}", flush=True)
+            _write(rows, args, out)  # after every model: a long sweep keeps what it measured
+    return _write(rows, args, out)
+
+
+def _write(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    payload = {"benchmark": "coverage", "machine": machine(), "settings": vars(args), "rows": rows}
+    write_json(out / "coverage.json", payload)
+    write_text(out / "coverage.md", _markdown(rows, args), overwrite=True)
     return payload
