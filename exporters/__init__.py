@@ -4,8 +4,8 @@ One module per idea: :mod:`.onnx_graph` (float graph, metadata, save), :mod:`.pa
 packing), :mod:`.qdq` (static int8 QDQ), :mod:`.onnx_export` (``export_onnx`` composing them), :mod:`.check`.
 """
 
-from .check import CheckReport, check
+from .check import CheckReport, check, open_session
 from .onnx_export import export_onnx, fold_batchnorm
 from .result import ExportResult, PackedLayer
 
-__all__ = ["CheckReport", "ExportResult", "PackedLayer", "check", "export_onnx", "fold_batchnorm"]
+__all__ = ["CheckReport", "ExportResult", "PackedLayer", "check", "export_onnx", "fold_batchnorm", "open_session"]

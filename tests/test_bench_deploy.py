@@ -20,3 +20,6 @@ def test_deploy_quick_writes_all_variants(tmp_path) -> None:
     assert "| small_resnet | pruned + int8 QDQ |" in (tmp_path / "deploy.md").read_text()
     assert (tmp_path / "deploy.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "deploy-small_resnet" / "model.onnx").is_file()
+    # OpenVINO beside onnxruntime, and the default-session column
+    assert all(r["openvino_b1_ms"] > 0 and r["openvino_b32_ms"] > 0 and r["default_b1_ms"] > 0 for r in payload["rows"])
+    assert "OpenVINO b1 ms" in (tmp_path / "deploy.md").read_text()

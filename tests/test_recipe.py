@@ -16,7 +16,7 @@ from compress.recipe.__main__ import main
 QUICK = ["data.calibration_samples=128", "data.recalibration_samples=256", "data.eval_samples=1000",
          "prune.steps=2", "recover.distill_steps=10", "quantize.calibration_samples=64", "check.samples=300",
          "check.latency_runs=3"]
-OUTPUTS = {"model.onnx", "model_int8.onnx", "pruned_fp32.onnx", "pruned.pt", "quantized.pt", "report.json",
+OUTPUTS = {"model.onnx", "model_small.onnx", "model_int8.onnx", "pruned_fp32.onnx", "pruned.pt", "quantized.pt", "report.json",
            "report.md", "pareto.png", "bits.png"}
 STAGES = {"model", "dense-eval", "prune", "recover", "plan", "quantize", "export", "check"}
 
@@ -57,13 +57,19 @@ def test_demo_passes_and_writes_every_output(demo_run) -> None:
     assert set(quantized["latency_ms"]) == {"1", "32"}
     assert report["plan"]["layers"]["conv1"]["note"]  # the 1-channel stem is constrained and says why
     assert report["files"]["quantized"]["size_bytes"] < report["files"]["recovered"]["size_bytes"]
+    # model.onnx is the int8 file (fast in a default session), the same file as model_int8.onnx
+    assert report["deploy"] == {"path": "model.onnx", "variant": "int8", "same_as": "model_int8.onnx"}
+    assert (out / "model.onnx").samefile(out / "model_int8.onnx") or \
+        (out / "model.onnx").read_bytes() == (out / "model_int8.onnx").read_bytes()
+    assert report["files"]["quantized"]["path"] == "model_small.onnx"
 
 
 def test_report_md_is_a_readable_summary(demo_run) -> None:
     _, out = demo_run
     text = (out / "report.md").read_text()
     assert text.startswith("# Recipe `fmnist_jbr`: **PASS**")
-    for needle in ("| variant | top-1 %", "dense fp32", "pruned + quantized (model.onnx)", "## Bit plan",
+    for needle in ("| variant | top-1 %", "dense fp32", "pruned + quantized, size-optimised (model_small.onnx)",
+                   "`model.onnx`, the file to deploy, is `model_int8.onnx` (the same file)", "## Bit plan",
                    "## Skipped or constrained layers", "`conv1`: torchao cannot quantize it", "## Stage timings"):
         assert needle in text
     assert "TIMING ONLY" not in text
@@ -102,6 +108,8 @@ def test_timing_only_run_says_so_and_fails_on_latency(tmp_path, capsys) -> None:
     assert any("latency at batch 1" in f for f in report["verdict"]["failures"])
     assert any("max_top1_drop" in s for s in report["verdict"]["skipped"])
     assert "TIMING ONLY" in (out / "report.md").read_text()
+    # no int8 file: model.onnx is the pruned fp32 file, never the packed one a default session runs slowly
+    assert report["deploy"]["same_as"] == "pruned_fp32.onnx" and (out / "model_small.onnx").is_file()
     # --overwrite replaces the old run; without the thresholds that failed it passes
     code = main(["fmnist_jbr", "--data", "synthetic", "--weights", "random", "--out", str(out), "--overwrite",
                  *_args("data.synthetic_samples=64", "export.int8_activations=false", "prune.enabled=false",
@@ -145,6 +153,16 @@ def test_user_errors_exit_2_before_any_work(argv, message, tmp_path, capsys, mon
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "fix:" in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_openvino_timing_without_openvino_is_a_user_error(tmp_path, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert main(["fmnist_jbr", "--set", "check.openvino=true", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "openvino package is not installed" in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the error raised where CUDA is missing")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILT_IN = ["model", "data", "dense-eval", "prune", "recover", "final", "plan", "quantize", "export", "check", "verdict"]
 TIMED = ["model", "dense-eval", "prune", "recover", "plan", "quantize", "export", "check"]  # report.json stage_seconds
 REPORT_KEYS = ["recipe", "description", "timing_only", "passed", "verdict", "config", "seed", "device", "versions",
-               "data", "variants", "prune", "plan", "files", "checks", "final", "stage_seconds"]
+               "data", "variants", "prune", "plan", "files", "deploy", "checks", "final", "stage_seconds"]
 
 
 def test_registry_order() -> None:

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=20, help="latency runs per batch size (median)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="CI-sized: few samples, steps and runs (numbers meaningless)")
+    p.add_argument("--no-openvino", dest="openvino", action="store_false",
+                   help="skip the OpenVINO latency columns (they need the openvino extra)")
 
 
 def _recipe(name: str, args: argparse.Namespace) -> Recipe:
@@ -55,7 +57,7 @@ def _recipe(name: str, args: argparse.Namespace) -> Recipe:
         quantize=QuantizeSection(avg_bits=args.avg_bits, calibration_samples=32 if quick else (256 if trained else 32)),
         export=ExportSection(int8_activations=True),
         check=CheckSection(samples=200 if quick else (None if trained else 32), latency_runs=3 if quick else args.runs,
-                           threads=args.threads),
+                           threads=args.threads, openvino=args.openvino),
     )
 
 
@@ -71,13 +73,14 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             if r is None:
                 continue
             b1, b32 = float(r["latency_b1"]), float(r["latency_b32"])
+            openvino = {f"openvino_{b}_ms": None if r[f"openvino_{b}"] == "–" else float(r[f"openvino_{b}"]) for b in ("b1", "b32")}
             results.append({"model": name, "variant": label, "size_mb": r["size_bytes"] / 1e6,
                             "size_ratio": r["size_bytes"] / dense["size_bytes"], "latency_b1_ms": b1,
                             "latency_b32_ms": b32, "speedup_b1": float(dense["latency_b1"]) / b1,
                             "speedup_b32": float(dense["latency_b32"]) / b32, "macs": r["macs"],
                             "top1": r["top1"] if not run_.report["timing_only"] else None,
                             "dense_agreement": r["dense_agreement"] if not run_.report["timing_only"] else None,
-                            "check_passed": run_.passed})
+                            "check_passed": run_.passed, "default_b1_ms": float(r["default_b1"]), **openvino})
     payload = {"benchmark": "deploy", "args": {k: v for k, v in vars(args).items() if k != "out"},
                "machine": machine(), "rows": results}
     write_json(out / "deploy.json", payload)
@@ -91,9 +94,17 @@ def _markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"of {args.runs} runs{' (QUICK: numbers meaningless)' if args.quick else ''}.\n\n")
     table = [[r["model"], r["variant"], f"{r['size_mb']:.2f}", f"{r['size_ratio']:.2f}", f"{r['latency_b1_ms']:.2f}",
               f"{r['speedup_b1']:.2f}x", f"{r['latency_b32_ms']:.1f}", f"{r['speedup_b32']:.2f}x",
+              f"{r['default_b1_ms']:.2f}", _ms(r["openvino_b1_ms"]), _ms(r["openvino_b32_ms"]),
               "–" if r["top1"] is None else f"{100 * r['top1']:.2f}"] for r in results]
     return head + markdown_table(["model", "variant", "MB", "size vs dense", "b1 ms", "speed-up b1", "b32 ms",
-                                  "speed-up b32", "top-1 %"], table)
+                                  "speed-up b32", "default session b1 ms", "OpenVINO b1 ms", "OpenVINO b32 ms",
+                                  "top-1 %"], table) + (
+        "\nonnxruntime columns with the session options `exporters.open_session` applies; the default-session column "
+        "without any; OpenVINO: CPU plugin, float32 precision, no dynamic activation quantization.\n")
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def _plot(results: list[dict[str, Any]], path: Path) -> None:

@@ -126,6 +126,7 @@ class CheckSection:
     samples: int | None = None  # inputs for the onnxruntime check (None: the evaluation set)
     latency_runs: int = 20
     threads: int = 2
+    openvino: bool = False  # also time every ONNX file in OpenVINO (CPU, float32; the openvino extra)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,21 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "macs": v.get("macs", report["final"]["macs"]), "params": v.get("params", report["final"]["params"]),
                     "size_bytes": files.get(key, {}).get("size_bytes"), "latency_b1": _ms(ch, 1),
                     "latency_b32": _ms(ch, 32), "default_b1": _ms(ch, 1, "default_latency_ms"),
-                    "default_b32": _ms(ch, 32, "default_latency_ms"), "onnx": files.get(key, {}).get("path")})
+                    "default_b32": _ms(ch, 32, "default_latency_ms"), "openvino_b1": _ms(ch, 1, "openvino_latency_ms"),
+                    "openvino_b32": _ms(ch, 32, "openvino_latency_ms"), "onnx": files.get(key, {}).get("path")})
     return out
+
+
+def _deploy_line(report: dict[str, Any]) -> str:
+    """Which file model.onnx is, and its default-session latency against the dense model's."""
+    deploy = report["deploy"]
+    ms = {k: report["checks"].get(k, {}).get("default_latency_ms", {}).get("1") for k in (deploy["variant"], Variant.DENSE)}
+    timing = (f": {ms[deploy['variant']]:.3f} ms at batch 1 in a default session, dense {ms[Variant.DENSE]:.3f} ms"
+              if None not in ms.values() else "")
+    same = "" if deploy["same_as"] == deploy["path"] else f" is `{deploy['same_as']}` (the same file)"
+    return (f"`{deploy['path']}`, the file to deploy,{same} needs no session option to run fast on the CPU{timing}. "
+            "The size-optimised `model_small.onnx` (packed weights) wants `session.disable_quant_qdq=1` "
+            "(`exporters.open_session` sets it).")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -52,6 +65,7 @@ def markdown(report: dict[str, Any]) -> str:
               f"{next(iter(report['checks'].values()))['threads']} threads.", ""]
     table = []
     dense_lat = rows(report)[0]["latency_b1"]
+    openvino = any(r["openvino_b1"] != "–" for r in rows(report))
     for row in rows(report):
         size = "–" if row["size_bytes"] is None else f"{row['size_bytes'] / 1e6:.2f}"
         speedup = "–"
@@ -59,14 +73,14 @@ def markdown(report: dict[str, Any]) -> str:
             speedup = f"{float(dense_lat) / float(row['latency_b1']):.2f}x"
         table.append([row["label"], _pct(row["top1"]), _pct(row["dense_agreement"]), f"{row['macs'] / 1e6:.2f}",
                       f"{row['params'] / 1e6:.3f}", size, row["latency_b1"], row["latency_b32"], speedup,
-                      row["default_b1"], row["default_b32"]])
+                      row["default_b1"], row["default_b32"]] + [row["openvino_b1"], row["openvino_b32"]] * openvino)
     lines += [markdown_table(["variant", "top-1 %", "agreement with dense %", "MMACs", "M params", "ONNX MB",
                               "latency b1 ms", "latency b32 ms", "speed-up b1", "default session b1 ms",
-                              "default session b32 ms"], table),
+                              "default session b32 ms"] + ["OpenVINO b1 ms", "OpenVINO b32 ms"] * openvino, table),
               "Latency columns: onnxruntime with the options `exporters.check.open_session` applies (weight-only "
               "packed files: `session.disable_quant_qdq=1`, so the weights are dequantized once at load); the "
               "default-session columns: the same file in a session with no options, as a deployment that sets none "
-              "runs it.", ""]
+              "runs it.", "", _deploy_line(report), ""]
     lines += ["## Checks", ""]
     if verdict["failures"]:
         lines += [f"- FAIL: {f}" for f in verdict["failures"]]
@@ -117,7 +131,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Stage timings (s)", "", markdown_table(["stage", "seconds"],
                                                             [[k, f"{v:.1f}"] for k, v in report["stage_seconds"].items()])]
     lines += ["Files: " + ", ".join(f"`{f['path']}`" for k, f in report["files"].items() if k != Variant.DENSE)
-              + ", `pruned.pt`" + (", `quantized.pt`" if plan else "") + " (load with `compress.load`), `report.json`, "
+              + f", `{report['deploy']['path']}`" * (report["deploy"]["same_as"] != report["deploy"]["path"]) + ", `pruned.pt`" + (", `quantized.pt`" if plan else "") + " (load with `compress.load`), `report.json`, "
               "`pareto.png`, `bits.png`.", ""]
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines += [f"Versions: {versions}.", ""]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata as md
+import importlib.util
 import os
 import platform
 import shutil
@@ -67,6 +68,9 @@ def preflight(recipe: Recipe, out: Path, overwrite: bool) -> None:
         raise CompressError("quantize.candidates has 'float8', but a recipe quantizes for the CPU (torchao weight-only, "
                             "ONNX files) and float8 needs a CUDA GPU of compute capability >= 8.9",
                             "drop 'float8' from quantize.candidates")
+    if recipe.check.openvino and importlib.util.find_spec("openvino") is None:
+        raise CompressError("check.openvino is set, but the openvino package is not installed",
+                            "pip install -e '.[openvino]', or set check.openvino=false")
     if recipe.data.source == "imagenet":
         imagenet_dir(recipe)
     elif recipe.data.source == "fashion-mnist":
@@ -161,7 +165,7 @@ def build_report(context: Context, stage_seconds: dict[str, float]) -> dict[str,
         "recipe": recipe.name, "description": recipe.description, "timing_only": recipe.timing_only,
         "passed": None, "verdict": None, "config": recipe.to_dict(), "seed": recipe.seed, "device": recipe.device,
         "versions": _versions(), "data": None, "variants": {}, "prune": {"enabled": recipe.prune.enabled},
-        "plan": None, "files": {}, "checks": {}, "final": None, "stage_seconds": stage_seconds,
+        "plan": None, "files": {}, "deploy": None, "checks": {}, "final": None, "stage_seconds": stage_seconds,
     }
     for result in context.results.values():
         report["variants"].update({k.value: v.to_dict() for k, v in result.variants().items()})

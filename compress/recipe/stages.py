@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, TypeVar
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset, Subset
 import exporters
 from exporters import ExportResult
 from exporters.check import CheckReport, check
+from exporters.runtimes import latency_ms, openvino_runner
 
 from ..checkpoint import save
 from ..data import CalibrationData, FashionMNIST, calibration, image_folder, loader, synthetic
@@ -41,7 +43,7 @@ from ..quantize import quantize
 from ..recover import distill, recalibrate_bn
 from ..train import TrainConfig
 from .config import Recipe
-from .variants import Variant, VariantMetrics
+from .variants import DEPLOY_FILE, Variant, VariantMetrics, deploy_variant
 
 IMAGENET_ENV = "IMAGENET_DIR"
 R = TypeVar("R", bound="StageResult")
@@ -343,13 +345,14 @@ class RecoverStage(Stage):
 
 @dataclass
 class FinalModelResult(StageResult):
-    """The fp32 model that goes on to quantization and export (pruned.pt), and which variant ships as model.onnx."""
+    """The fp32 model that goes on to quantization and export (pruned.pt), and which variant the accuracy
+    thresholds are checked on (``shipped``)."""
 
     model: nn.Module
     macs: int
     params: int
     fp32_variant: Variant  # the key of pruned_fp32.onnx when quantization is on: recovered, else pruned
-    shipped: Variant  # model.onnx: quantized, or the fp32 model itself (final)
+    shipped: Variant  # quantized (model_small.onnx), or the fp32 model itself (final: model.onnx)
 
     def report(self) -> dict[str, Any]:
         return {"final": {"variant": self.shipped.value, "macs": self.macs, "params": self.params}}
@@ -421,11 +424,26 @@ class QuantizeStage(Stage):
 
 @dataclass
 class ExportResults(StageResult):
-    exports: dict[Variant, ExportResult]  # model.onnx is exports[shipped]; the dense file is deleted after the check
+    exports: dict[Variant, ExportResult]  # the dense file is deleted after the check
+    deploy: Variant  # model.onnx is this file (the same file under a second name when it is not FINAL)
 
     def report(self) -> dict[str, Any]:
         return {"files": {k.value: {"path": e.path.name, "size_bytes": e.size_bytes, "weights": e.weights,
-                                    "float_layers": e.float_layers} for k, e in self.exports.items()}}
+                                    "float_layers": e.float_layers} for k, e in self.exports.items()},
+                "deploy": {"path": DEPLOY_FILE, "variant": self.deploy.value, "same_as": self.exports[self.deploy].path.name}}
+
+
+def link_deploy_file(exports: dict[Variant, ExportResult], work: Path) -> Variant:
+    """model.onnx: the exported file that runs fast in a default onnxruntime session (a hard link, or a copy where
+    the file system has none), so the name a deployment picks up needs no session option."""
+    variant = deploy_variant(set(exports) - {Variant.DENSE})
+    source, target = exports[variant].path, work / DEPLOY_FILE
+    if source != target:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    return variant
 
 
 class ExportStage(Stage):
@@ -449,10 +467,10 @@ class ExportStage(Stage):
         if quantized:
             exports[final.fp32_variant] = exporters.export_onnx(model, example, work / "pruned_fp32.onnx",
                                                                 opset=e.opset, metadata=meta)
-            exports[Variant.QUANTIZED] = exporters.export_onnx(quantized.model, example, work / "model.onnx",
+            exports[Variant.QUANTIZED] = exporters.export_onnx(quantized.model, example, work / "model_small.onnx",
                                                                opset=e.opset, metadata={**meta, "bit_plan": plan.plan.bits})
         else:
-            exports[Variant.FINAL] = exporters.export_onnx(model, example, work / "model.onnx", opset=e.opset,
+            exports[Variant.FINAL] = exporters.export_onnx(model, example, work / DEPLOY_FILE, opset=e.opset,
                                                            metadata=meta)
         if e.int8_activations:
             calib = calibration(context.need(DataResult).calibration_set, min(512, recipe.data.calibration_samples),
@@ -463,20 +481,34 @@ class ExportStage(Stage):
         save(model, work / "pruned.pt", metadata=meta)
         if quantized:
             save(quantized.model, work / "quantized.pt", metadata={**meta, "bit_plan": plan.plan.bits})
-        return ExportResults(exports)
+        return ExportResults(exports, link_deploy_file(exports, work))
 
     def summary(self, context: Context, result: ExportResults) -> str:
         return ", ".join(f"{e.path.name} {e.size_bytes / 1e6:.2f} MB" for k, e in result.exports.items()
-                         if k != Variant.DENSE)
+                         if k != Variant.DENSE) + f"; {DEPLOY_FILE} = {result.exports[result.deploy].path.name}"
 
 
 @dataclass
 class CheckResults(StageResult):
     checks: dict[Variant, CheckReport]  # onnxruntime against each file's source model (and the dense model)
-    shipped: Variant  # the key of model.onnx
+    shipped: Variant  # the file the accuracy thresholds apply to
+    openvino_ms: dict[Variant, dict[int, float]] = field(default_factory=dict)  # check.openvino: latency per batch
 
     def report(self) -> dict[str, Any]:
-        return {"checks": {k.value: v.to_dict() for k, v in self.checks.items()}}
+        checks = {k.value: v.to_dict() for k, v in self.checks.items()}
+        for k, ms in self.openvino_ms.items():
+            checks[k.value]["openvino_latency_ms"] = {str(b): t for b, t in ms.items()}
+        return {"checks": checks}
+
+
+def openvino_latencies(files: dict[Variant, ExportResult], batch_sizes: tuple[int, ...], threads: int,
+                       runs: int) -> dict[Variant, dict[int, float]]:
+    """Median milliseconds per batch of every file compiled by OpenVINO for the CPU (float32 precision)."""
+    out = {}
+    for variant, export in files.items():
+        runner = openvino_runner(export.path, threads)
+        out[variant] = {b: latency_ms(runner, b, runs) for b in batch_sizes}
+    return out
 
 
 class CheckStage(Stage):
@@ -499,8 +531,10 @@ class CheckStage(Stage):
         if Variant.INT8 in files:
             checks[Variant.INT8] = check(files[Variant.INT8].path, reference=final.model, dense=dense, parity_rtol=None,
                                          min_agreement=0.0, **common)
+        openvino_ms = (openvino_latencies(files, tuple(int(b) for b in checks[Variant.DENSE].latency_ms), c.threads,
+                                          c.latency_runs) if c.openvino else {})
         files[Variant.DENSE].path.unlink()  # exported for the latency baseline only
-        return CheckResults(checks, final.shipped)
+        return CheckResults(checks, final.shipped, openvino_ms)
 
     def summary(self, context: Context, result: CheckResults) -> str:
         final, dense = result.checks[result.shipped], result.checks[Variant.DENSE]
@@ -524,7 +558,8 @@ class VerdictResult(StageResult):
 
 
 class VerdictStage(Stage):
-    """Failures and skipped checks: the recipe's thresholds on the shipped file (model.onnx) and on the pruned fp32
+    """Failures and skipped checks: the recipe's thresholds on the shipped file (model_small.onnx when quantizing, else
+    model.onnx) and on the pruned fp32
     file's parity. Accuracy thresholds are skipped (and listed) in timing-only runs, where accuracy means nothing."""
 
     name = "verdict"
@@ -549,7 +584,7 @@ class VerdictStage(Stage):
             else:
                 drop = 100 * (dense_top1 - final.top1)
                 if drop > c.max_top1_drop:
-                    failures.append(f"top-1 drop {drop:.2f} points (dense {_pct(dense_top1)}, model.onnx "
+                    failures.append(f"top-1 drop {drop:.2f} points (dense {_pct(dense_top1)}, {Path(final.path).name} "
                                     f"{_pct(final.top1)}) > check.max_top1_drop {c.max_top1_drop}")
         if c.max_latency_ms is not None and final.latency_ms.get(1, float("inf")) > c.max_latency_ms:
             failures.append(f"latency at batch 1 {final.latency_ms.get(1):.3f} ms > check.max_latency_ms {c.max_latency_ms}")

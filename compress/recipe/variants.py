@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 
+DEPLOY_FILE = "model.onnx"  # the file to deploy: fast in a default onnxruntime session (see deploy_variant)
+
+
 class Variant(enum.StrEnum):
     DENSE = "dense"  # the model as resolved
     PRUNED = "pruned"  # after pruning, before recovery (and the fp32 file when there is no recovery)
     RECOVERED = "recovered"  # after BN recalibration / distillation
-    QUANTIZED = "quantized"  # torchao weight-only by the bit plan: model.onnx when quantization is on
+    QUANTIZED = "quantized"  # torchao weight-only by the bit plan: model_small.onnx (packed, size-optimised)
     FINAL = "final"  # the fp32 model shipped as model.onnx when quantization is off
-    INT8 = "int8"  # model_int8.onnx: static int8 QDQ activations and weights
+    INT8 = "int8"  # model_int8.onnx: static int8 QDQ activations and weights (CPU speed)
 
     @property
     def label(self) -> str:
@@ -30,10 +33,20 @@ LABELS: dict[Variant, str] = {
     Variant.DENSE: "dense fp32",
     Variant.PRUNED: "pruned (no recovery)",
     Variant.RECOVERED: "pruned + recovered fp32",
-    Variant.QUANTIZED: "pruned + quantized (model.onnx)",
+    Variant.QUANTIZED: "pruned + quantized, size-optimised (model_small.onnx)",
     Variant.FINAL: "final fp32 (model.onnx)",
-    Variant.INT8: "int8 activations (model_int8.onnx)",
+    Variant.INT8: "int8 activations, CPU speed (model_int8.onnx)",
 }
+
+
+def deploy_variant(exported: set[Variant]) -> Variant:
+    """Which exported file model.onnx is: one that needs no session option to run fast on the CPU. The int8 QDQ
+    file when there is one, else the fp32 model (the packed weight-only file is size-optimised: a default session
+    re-dequantizes its weights on every run)."""
+    for variant in (Variant.INT8, Variant.FINAL, Variant.RECOVERED, Variant.PRUNED):
+        if variant in exported:
+            return variant
+    raise ValueError(f"no file to deploy among {sorted(exported)}")
 
 
 @dataclass(frozen=True)
