@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .errors import CompressError
+from .images import check_unreadable, scan
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -110,8 +111,11 @@ def _fetches_batches(dataset: Dataset) -> bool:
 
 
 def image_folder(root: str | os.PathLike, split: str | None = "val", *, image_size: int = 224,
-                 train: bool = False) -> Dataset:
-    """An ImageNet-layout folder (``root/[split/]class/image``) with torchvision's standard transforms."""
+                 train: bool = False, check_images: bool = True) -> Dataset:
+    """An ImageNet-layout folder (``root/[split/]class/image``) with torchvision's standard transforms.
+
+    ``check_images``: decode every file once first; unreadable ones are dropped and listed in
+    ``dataset.unreadable``, and more than 1% of the split unreadable is a one-line error."""
     from torchvision import datasets, transforms
 
     folder = Path(root)
@@ -127,10 +131,24 @@ def image_folder(root: str | os.PathLike, split: str | None = "val", *, image_si
         tf = transforms.Compose([transforms.Resize(int(round(image_size * 256 / 224))),
                                  transforms.CenterCrop(image_size), transforms.ToTensor(), normalize])
     try:
-        return datasets.ImageFolder(str(folder), transform=tf)
+        dataset = datasets.ImageFolder(str(folder), transform=tf)
     except (FileNotFoundError, RuntimeError) as err:
         raise CompressError(f"{folder} is not an image folder: {str(err).splitlines()[0]}",
                             "lay it out as DIR/class_name/image.jpg (ImageNet layout)") from err
+    return _without_unreadable(dataset, folder) if check_images else dataset
+
+
+def _without_unreadable(dataset: Any, folder: Path) -> Any:
+    """``dataset`` with the images that cannot be decoded dropped and listed in ``dataset.unreadable``; a one-line
+    error when more than 1% of them are unreadable (see :mod:`compress.images`)."""
+    paths = tuple(path for path, _ in dataset.samples)
+    bad = scan(paths, workers=max(2, 2 * available_cores()))
+    check_unreadable(folder, paths, bad)
+    skipped = {b.path for b in bad}
+    dataset.samples = [s for s in dataset.samples if s[0] not in skipped]
+    dataset.imgs, dataset.targets = dataset.samples, [label for _, label in dataset.samples]
+    dataset.unreadable = list(bad)
+    return dataset
 
 
 def synthetic(n: int = 64, shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10, seed: int = 0) -> TensorDataset:

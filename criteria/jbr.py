@@ -147,8 +147,7 @@ class GateImportance(CalibratedImportance):
                 if index == 0:
                     self.example_input = x[:1].detach()
                     if graph is None:
-                        with adapter_for(model).tracing(model):
-                            graph = tp.DependencyGraph().build_dependency(model, example_inputs=self.example_input)
+                        graph = adapter_for(model).dependency_graph(model, self.example_input)
                     handles = [m.register_forward_hook(hook(n)) for n, m in gate_points(model, graph).items()]
                 gates.clear()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):

@@ -61,6 +61,28 @@ def test_latency_target_validation():
         Target(macs=0.5, latency=0.5)
     with pytest.raises(CompressError, match="batch_size"):
         Target(latency=0.5, threads=0)
+    with pytest.raises(CompressError, match="neither 'fp32' nor 'int8'"):
+        Target(latency=0.5, activations="int4")
+
+
+def test_int8_latency_target_times_the_pruned_model_as_int8_against_dense_fp32(small, monkeypatch):
+    """Target(latency, activations="int8"): the dense model is timed as fp32, every pruned one as the int8 QDQ
+    file (a fake clock: int8 runs twice as fast as fp32), so the search lands at twice the MACs of an fp32 target."""
+    import compress.latency
+    from compress.prune import count_macs_params
+
+    calls = []
+
+    def fake_latency(model, example_inputs, **export):
+        calls.append(export.get("activations"))
+        assert export.get("activations") != "int8" or export["calibration_data"] is not None
+        return count_macs_params(model, example_inputs[:1])[0] / 1e7 / (2 if export.get("activations") == "int8" else 1)
+
+    monkeypatch.setattr(compress.latency, "onnx_latency_ms", fake_latency)
+    result = prune(small, synthetic(64), criterion="l1", target=Target(latency=0.3, activations="int8",
+                                                                        latency_tolerance=0.02), steps=2, progress=False)
+    assert calls[0] is None and set(calls[1:]) == {"int8"}
+    assert abs(result.latency_ratio - 0.3) <= 0.02 and abs(result.macs_ratio - 0.6) <= 0.05
 
 
 def test_latency_target_search_converges_on_a_latency_model(small, monkeypatch):

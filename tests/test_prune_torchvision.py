@@ -48,6 +48,7 @@ def _consistent(model: nn.Module) -> None:
             assert m.hidden_dim == m.conv_proj.out_channels == m.class_token.shape[-1] == m.encoder.pos_embedding.shape[-1]
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. torch-pruning's "Unwrapped parameters" on ConvNeXt and ViT
 @pytest.mark.parametrize("arch, kwargs, size, criterion", CASES, ids=[f"{c[0]}-{c[3]}" for c in CASES])
 def test_prune_torchvision_structure(arch, kwargs, size, criterion, tmp_path) -> None:
     torch.manual_seed(0)

@@ -141,6 +141,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch) -> None:
     (["fmnist_jbr", "--set", "prune.target_macs=1.5"], "not a fraction"),
     (["fmnist_jbr", "--set", "quantize.bytes=1000"], "exactly one of avg_bits, bytes, bops, latency"),
     (["fmnist_jbr", "--set", "quantize.allocator=hawk"], "did you mean 'hawq'"),
+    (["fmnist_jbr", "--set", "prune.latency_activations=int4"], "prune.latency_activations = 'int4' is unknown"),
     (["fmnist_jbr", "--set", "quantize.predictor=jpv"], "did you mean 'jvp'"),
     (["fmnist_jbr", "--weights", "/no/such/weights.pt"], "does not exist"),
     (["fmnist_jbr", "--data", "/no/such/imagenet"], "does not exist"),

@@ -15,11 +15,20 @@ from dataclasses import dataclass, field
 from typing import Any, ContextManager
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from ..errors import CompressError
 from ..nn_helpers import weight_layers
 from .spec import ModelSpec
+
+
+def outside_pruned_layers(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` that no layer torch-pruning has a pruner for holds (its "unwrapped" ones)."""
+    pruners = tp.DependencyGraph().REGISTERED_PRUNERS
+    wrapped = {id(p) for m in model.modules() if tp.ops.module2type(m) in pruners
+               and tp.ops.module2type(m) != tp.ops.OPTYPE.ELEMENTWISE for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in wrapped]
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,20 @@ class ModelAdapter:
     def tracing(self, model: nn.Module) -> ContextManager[None]:
         """A context in which torch-pruning traces ``model`` (to build its dependency graph); default: as it is."""
         return contextlib.nullcontext()
+
+    def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+        """Parameters outside the layers torch-pruning prunes (layer scales, class tokens, position embeddings), each
+        with the dimension that holds its channels; default: the last dimension longer than 1 (C of a (C, 1, 1)
+        layer scale, D of a (1, N, D) embedding)."""
+        return [(p, max(d for d, s in enumerate(p.shape) if s > 1)) for p in outside_pruned_layers(model)
+                if any(s > 1 for s in p.shape)]
+
+    def dependency_graph(self, model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+        """torch-pruning's dependency graph of ``model``, traced in :meth:`tracing` with :meth:`unwrapped_parameters`
+        (autograd on: this works inside ``torch.no_grad()``)."""
+        with torch.enable_grad(), self.tracing(model):
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                         unwrapped_parameters=self.unwrapped_parameters(model))
 
     def round_to(self, model: nn.Module) -> int | None:
         """The channel multiple the structure requires (attention heads keep equal widths), or None."""

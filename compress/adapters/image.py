@@ -84,10 +84,7 @@ def replay_pruning(model: nn.Module, spec: ModelSpec, adapter: ModelAdapter) -> 
     """Re-apply ``spec.pruning_history`` to a freshly built, unpruned ``model`` (torch-pruning's replay)."""
     if not spec.pruning_history:
         return model
-    import torch_pruning as tp
-
-    with torch.enable_grad(), adapter.tracing(model):  # torch-pruning traces through autograd: load() must work inside torch.no_grad()
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=spec.example_input())
+    graph = adapter.dependency_graph(model, spec.example_input())
     try:
         graph.load_pruning_history([[n, o, list(i)] for n, o, i in spec.pruning_history])
     except (AttributeError, IndexError, KeyError, RuntimeError) as err:

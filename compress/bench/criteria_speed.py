@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 
 import criteria
 
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     plain()  # warm-up
     base = timed(plain)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=batches[0][0][:1])
+    graph = adapter_for(model).dependency_graph(model, batches[0][0][:1])
     groups = list(graph.get_all_groups(root_module_types=[torch.nn.Conv2d, torch.nn.Linear],
                                        ignored_layers=adapter_for(model).never_pruned(model)))
     rows = []

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--criterion", default="jbr-mac", help="pruning criterion for the trained model")
     p.add_argument("--criterion-random", default="l1", help="criterion for random-weight models (scores mean nothing)")
     p.add_argument("--target", type=float, default=0.5, help="MACs fraction kept")
+    p.add_argument("--target-latency", type=float, default=None,
+                   help="instead of --target: the pruned + int8 file's latency as a fraction of the dense fp32 file's "
+                        "(batch 1, --threads), searched by prune's latency target")
     p.add_argument("--round-to", type=int, default=8, help="channel multiple kept by pruning (4 for small_resnet)")
     p.add_argument("--avg-bits", type=float, default=5.0)
     p.add_argument("--distill-steps", type=int, default=469, help="recovery for the trained model (0: BN recal only)")
@@ -51,8 +54,10 @@ def _recipe(name: str, args: argparse.Namespace) -> Recipe:
         data=DataSection(source="fashion-mnist" if trained else "synthetic", calibration_samples=64 if quick else 512,
                          recalibration_samples=128 if quick else 2048, eval_samples=500 if quick else None,
                          synthetic_samples=16 if quick else 64, batch_size=32, eval_batch_size=500 if trained else 16),
-        prune=PruneSection(criterion=args.criterion if trained else args.criterion_random, target_macs=args.target,
-                           steps=5 if trained else 2, round_to=4 if trained else args.round_to),
+        prune=PruneSection(criterion=args.criterion if trained else args.criterion_random,
+                           target_macs=None if args.target_latency else args.target, target_latency=args.target_latency,
+                           latency_activations="int8", steps=5 if trained else 2,
+                           round_to=4 if trained else args.round_to),
         recover=RecoverSection(distill_steps=(5 if quick else args.distill_steps) if trained else 0),
         quantize=QuantizeSection(avg_bits=args.avg_bits, calibration_samples=32 if quick else (256 if trained else 32)),
         export=ExportSection(int8_activations=True),
@@ -90,7 +95,9 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def _markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    head = (f"Prune to {args.target} MACs, {args.avg_bits} avg bits, onnxruntime CPU {args.threads} threads, median "
+    goal = (f"the pruned + int8 file to {args.target_latency} of the dense latency" if args.target_latency
+            else f"{args.target} MACs")
+    head = (f"Prune to {goal}, {args.avg_bits} avg bits, onnxruntime CPU {args.threads} threads, median "
             f"of {args.runs} runs{' (QUICK: numbers meaningless)' if args.quick else ''}.\n\n")
     table = [[r["model"], r["variant"], f"{r['size_mb']:.2f}", f"{r['size_ratio']:.2f}", f"{r['latency_b1_ms']:.2f}",
               f"{r['speedup_b1']:.2f}x", f"{r['latency_b32_ms']:.1f}", f"{r['speedup_b32']:.2f}x",

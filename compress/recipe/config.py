@@ -53,6 +53,7 @@ class DataSection:
     batch_size: int = 64
     eval_batch_size: int = 256
     workers: int = 0  # DataLoader workers for image folders
+    check_images: bool = True  # image folders: decode every file first, skip and list unreadable ones (<= 1%)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class PruneSection:
     target_macs: float | None = 0.5
     target_params: float | None = None
     target_latency: float | None = None  # fraction of the dense onnxruntime CPU latency at batch 1 (check.threads)
+    latency_activations: str = "fp32"  # target_latency times the pruned model as fp32, or as the int8 QDQ file
     steps: int = 5
     round_to: int | None = None
     ignored_layers: list[str] = field(default_factory=list)
@@ -300,6 +302,8 @@ def _validate(recipe: Recipe) -> None:
     fraction(p.target_macs, "prune.target_macs")
     fraction(p.target_params, "prune.target_params")
     fraction(p.target_latency, "prune.target_latency")
+    if p.latency_activations not in ("fp32", "int8"):
+        raise CompressError(f"prune.latency_activations = {p.latency_activations!r} is unknown", "use fp32 or int8")
     fraction(c.min_agreement, "check.min_agreement")
     fraction(c.min_dense_agreement, "check.min_dense_agreement")
     if q.enabled and sum(v is not None for v in (q.avg_bits, q.bytes, q.bops, q.latency)) != 1:

@@ -126,6 +126,10 @@ def markdown(report: dict[str, Any]) -> str:
     for f in report["files"].values():
         if f["weights"] == "packed":
             constrained.update({n: r for n, r in f["float_layers"].items() if n not in constrained})
+    unreadable = report["data"].get("unreadable_images", [])
+    if unreadable:
+        lines += ["", f"## Unreadable images skipped ({len(unreadable)})", ""]
+        lines += [f"- `{path}`: {reason}" for path, reason in unreadable]
     lines += ["", "## Skipped or constrained layers", ""]
     lines += [f"- `{n}`: {r}" for n, r in constrained.items()] or ["- none"]
     lines += ["", "## Stage timings (s)", "", markdown_table(["stage", "seconds"],

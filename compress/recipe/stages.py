@@ -34,6 +34,7 @@ from exporters.runtimes import latency_ms, openvino_runner
 from ..checkpoint import save
 from ..data import CalibrationData, FashionMNIST, calibration, image_folder, loader, synthetic
 from ..errors import CompressError
+from ..images import Unreadable
 from ..evaluate import accuracy, compare
 from ..macs import count_macs_params
 from ..models import default_input_shape, resolve, spec_of
@@ -201,10 +202,11 @@ class DataResult(StageResult):
     evaluation: Any  # batches of the evaluation set
     calib: CalibrationData  # data.calibration_samples calibration inputs
     check_data: Any  # batches of check.samples evaluation items: the CPU-side checks (torchao model, onnxruntime)
+    unreadable: list[Unreadable] = field(default_factory=list)  # image files skipped (image folders only)
 
     def report(self) -> dict[str, Any]:
         return {"data": {"description": self.description, "evaluation_samples": len(self.evaluation_set),
-                         "labelled": self.labelled}}
+                         "labelled": self.labelled, "unreadable_images": [[u.path, u.reason] for u in self.unreadable]}}
 
 
 class DataStage(Stage):
@@ -215,12 +217,14 @@ class DataStage(Stage):
         recipe, model = context.recipe, context.need(ModelResult)
         d, seed = recipe.data, recipe.seed
         calib_set, distill_set, evaluation_set, description = self._datasets(recipe, model.input_shape, model.num_classes)
+        unreadable = list(dict.fromkeys(u for s in (calib_set, evaluation_set) for u in getattr(s, "unreadable", [])))
         evaluation_set = _subset(evaluation_set, d.eval_samples, seed)
         return DataResult(
             calib_set, distill_set, evaluation_set, description, labelled=d.source != "synthetic",
             evaluation=_loader(evaluation_set, d.eval_batch_size, recipe),
             calib=calibration(calib_set, d.calibration_samples, d.batch_size, seed),
-            check_data=_loader(_subset(evaluation_set, recipe.check.samples, seed), d.eval_batch_size, recipe))
+            check_data=_loader(_subset(evaluation_set, recipe.check.samples, seed), d.eval_batch_size, recipe),
+            unreadable=unreadable)
 
     @staticmethod
     def _datasets(recipe: Recipe, input_shape: tuple[int, ...], num_classes: int) -> tuple[Dataset, Dataset, Dataset, str]:
@@ -237,9 +241,10 @@ class DataStage(Stage):
             return train, train, test, "Fashion-MNIST"
         folder = imagenet_dir(recipe)
         train_split = "train" if (folder / "train").is_dir() else None
-        calib = image_folder(folder, train_split or "val", image_size=size)
-        augmented = image_folder(folder, train_split or "val", image_size=size, train=True)
-        test = image_folder(folder, "val", image_size=size)
+        check = recipe.data.check_images
+        calib = image_folder(folder, train_split or "val", image_size=size, check_images=check)
+        augmented = image_folder(folder, train_split or "val", image_size=size, train=True, check_images=check)
+        test = image_folder(folder, "val", image_size=size, check_images=check)
         note = "" if train_split else " (no train/ split: calibration uses val images, evaluation is not held out)"
         return calib, augmented, test, f"ImageNet folder {folder}{note}"
 
@@ -295,7 +300,8 @@ class PruneStage(Stage):
     def run(self, context: Context) -> PruneStageResult:
         recipe, p = context.recipe, context.recipe.prune
         model, data, device = context.need(ModelResult), context.need(DataResult), context.device
-        target = Target(macs=p.target_macs, params=p.target_params, latency=p.target_latency, threads=recipe.check.threads)
+        target = Target(macs=p.target_macs, params=p.target_params, latency=p.target_latency, threads=recipe.check.threads,
+                        activations=p.latency_activations)
         result = prune(model.dense, data.calib, criterion=p.criterion, target=target,
                        example_inputs=model.example.to(device), steps=p.steps, round_to=p.round_to,
                        ignored_layers=p.ignored_layers, recalibrate=p.recalibrate, max_layer_ratio=p.max_layer_ratio,
