@@ -4,6 +4,10 @@
   ``torchao.quantization`` is imported: :func:`load_torchao` imports it with that logger raised to ERROR.
 * torch's forward-mode AD loads its decompositions with ``torch.jit.script`` on the first ``jvp`` and warns that
   ``torch.jit.script`` is deprecated: :func:`quiet_third_party` ignores exactly that FutureWarning.
+* functorch's ``vmap`` warns "There is a performance drop because we have not yet implemented the batching rule for
+  aten::..." when an op runs in its slow per-sample fallback (``adaptive_avg_pool2d`` under ``jvp`` + ``vmap``, in
+  ConvNeXt and others): a note to torch's developers, which the user cannot act on. :func:`quiet_third_party`
+  ignores exactly that UserWarning; the results are the same.
 """
 
 from __future__ import annotations
@@ -17,17 +21,20 @@ from typing import Iterator
 
 PYTREE_LOGGER = "torch.utils._pytree"
 JIT_SCRIPT_DEPRECATED = r"`torch\.jit\.script` is deprecated"
+VMAP_FALLBACK = r"There is a performance drop because we have not yet implemented the batching rule"
 
 
 @contextlib.contextmanager
 def quiet_third_party() -> Iterator[None]:
-    """Inside the block: no torch _pytree notice, no torch.jit.script deprecation warning; both restored after."""
+    """Inside the block: no torch _pytree notice, no torch.jit.script deprecation warning, no vmap fallback note;
+    all restored after."""
     logger = logging.getLogger(PYTREE_LOGGER)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=JIT_SCRIPT_DEPRECATED, category=FutureWarning)
+            warnings.filterwarnings("ignore", message=VMAP_FALLBACK, category=UserWarning)
             yield
     finally:
         logger.setLevel(level)

@@ -1,5 +1,5 @@
 """A normal run prints no third-party notices: torch's _pytree notice on importing torchao, torch.jit.script's
-deprecation warning on the first jvp."""
+deprecation warning on the first jvp, functorch's batching-rule fallback note (adaptive_avg_pool2d under vmap)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from compress.data import synthetic
 model = resolve("small_resnet")
 plan = plan_bits(model, synthetic(16), Budget(avg_bits=5), calibration_samples=16)
 quantize(model, plan)
+import torch
+from torch import nn
+from torchvision.ops.misc import Permute
+pooled = nn.Sequential(nn.Conv2d(1, 8, 3), Permute([0, 2, 3, 1]), nn.Linear(8, 8), Permute([0, 3, 1, 2]),
+                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()  # ConvNeXt's channels-last pattern
+plan_bits(pooled, synthetic(8), Budget(avg_bits=5), example_inputs=torch.zeros(1, 1, 28, 28), calibration_samples=8)
 print("done")
 """
 
