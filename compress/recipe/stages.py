@@ -16,6 +16,7 @@ check -> verdict.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -514,6 +515,8 @@ def openvino_latencies(files: dict[Variant, ExportResult], batch_sizes: tuple[in
     for variant, export in files.items():
         runner = openvino_runner(export.path, threads)
         out[variant] = {b: latency_ms(runner, b, runs) for b in batch_sizes}
+        del runner  # release OpenVINO's compiled model and infer request now, not at some later collection
+        gc.collect()
     return out
 
 
