@@ -3,8 +3,9 @@
 Each step builds a torch-pruning pruner on the current model, scores every prunable group with the criterion
 (re-scored between steps; JBR's pseudo-labels m(x) stay frozen from the dense model) and removes the globally
 least important channels. The per-step MACs targets follow a geometric schedule from 1 to the target; the
-channel ratio of a step is found by bisection so the final MACs (or params) land within ``tolerance`` of the
-target: below it when a trial lands there, else the closest trial above it (channel groups are indivisible).
+channel ratio of a step is found by a safeguarded secant search (at most ``max_bisections`` trials) so the
+final MACs (or params) land within ``tolerance`` of the target: below it when a trial lands there, else the
+closest trial above it (channel groups are indivisible).
 ``Target(latency=...)`` searches the MACs fraction against onnxruntime measurements (``_prune_to_latency``).
 The input model is not modified: ``PruneResult.model`` is a pruned copy. What the model is (its never-pruned
 classifier, the channel multiple attention heads need, what to sync after pruning) comes from its adapter.
@@ -232,7 +233,7 @@ def _next_guess(lo: tuple[float, float], hi: tuple[float, float], aim: float) ->
     return r_lo + (r_hi - r_lo) * min(0.9, max(0.1, t))
 
 
-def _bisect(run: _Run, model: nn.Module, goal: float, current: float) -> tuple | None:
+def _search_ratio(run: _Run, model: nn.Module, goal: float, current: float) -> tuple | None:
     """Search one step's channel ratio (the number of channels removed is monotone in it) by a safeguarded secant
     aimed at the middle of the window [goal - tolerance, goal]: the first trial inside it; otherwise the closest
     trial at or below the goal. Channel groups are indivisible: when one group's removal jumps across the whole
@@ -321,7 +322,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
     bar = tqdm(total=steps, desc=f"prune[{name}]", unit="step", disable=not progress)
     for k in range(1, steps + 1 if target.fraction < 1.0 else 1):  # a target of 1.0 means "no pruning"
         goal = target.fraction ** (k / steps)
-        best = _bisect(run, model, goal, current)
+        best = _search_ratio(run, model, goal, current)
         if best is None:
             raise CompressError(f"no channel ratio brings {target.metric} to {goal:.3f} (every layer is capped at "
                                 f"max_layer_ratio={max_layer_ratio} or ignored)",

@@ -160,3 +160,26 @@ def test_a_registered_criterion_prunes_by_name() -> None:
         from criteria import registry
 
         registry._REGISTRY.pop("counting-l1", None)
+
+
+def test_traceable_shufflenet_block_matches_torchvision_in_float64() -> None:
+    """The opaque split / concatenation / shuffle nodes torch-pruning traces compute exactly torchvision's block,
+    and their backward passes are the true gradients (gradcheck in float64)."""
+    from torchvision.models.shufflenetv2 import InvertedResidual
+
+    from compress.adapters.shuffle import _CatShuffle, _HalfOf, opaque_shuffle
+
+    torch.manual_seed(0)
+    original = InvertedResidual.forward
+    for stride, channels in ((1, 8), (2, 4)):
+        block = InvertedResidual(channels, 8, stride).double().eval()
+        x = torch.randn(2, channels, 6, 6, dtype=torch.float64)
+        expected = block(x)
+        with opaque_shuffle(block):
+            got = block(x)
+            assert "CatShuffle" in type(got.grad_fn).__name__  # one opaque node, as torch-pruning sees it
+        assert torch.equal(got, expected) and InvertedResidual.forward is original
+    a, b = (torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(_CatShuffle.apply, (a, b))
+    assert torch.autograd.gradcheck(lambda t: _HalfOf.apply(t, 1), (torch.randn(2, 8, 3, 3, dtype=torch.float64,
+                                                                               requires_grad=True),))
