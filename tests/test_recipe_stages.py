@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from compress.recipe import load_recipe, run_recipe
 from compress.recipe import report as report_writer
 from compress.recipe.__main__ import main
 from compress.recipe.stages import (STAGES, Context, PlanResult, Stage, StageResult, register_stage, stage_names,
-                                    unregister_stage)
+                                    unregister_stage, VerdictStage)
 from compress.recipe.variants import LABELS, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +153,16 @@ def test_report_rows_follow_the_variant_order() -> None:
     assert [r["variant"] for r in rows] == [Variant.DENSE, Variant.QUANTIZED, Variant.INT8]
     assert [r["label"] for r in rows] == [LABELS[Variant.DENSE], LABELS[Variant.QUANTIZED], LABELS[Variant.INT8]]
     assert all(type(r["variant"]) is str for r in rows)  # plain strings, as report.json reads back
+
+
+def test_top1_threshold_applies_to_the_planned_file_and_to_model_onnx(tmp_path) -> None:
+    """model.onnx (here the int8 file) is what gets deployed, so check.max_top1_drop covers it as well as the
+    planned model_small.onnx: with an impossible threshold both fail, each by name."""
+    recipe = load_recipe("fmnist_jbr", [
+        "prune.enabled=false", "data.calibration_samples=32", "data.eval_samples=200", "quantize.allocator=uniform",
+        "quantize.calibration_samples=16", "check.samples=100", "check.latency_runs=1"])
+    run = run_recipe(recipe, tmp_path / "run", progress=False, log=lambda line: None)
+    assert run.report["deploy"]["same_as"] == "model_int8.onnx"
+    run.context.recipe = replace(recipe, check=replace(recipe.check, max_top1_drop=-1000.0))
+    failures = VerdictStage().run(run.context).failures
+    assert any("model_small.onnx" in f for f in failures) and any("model_int8.onnx" in f for f in failures)

@@ -134,8 +134,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"- `{n}`: {r}" for n, r in constrained.items()] or ["- none"]
     lines += ["", "## Stage timings (s)", "", markdown_table(["stage", "seconds"],
                                                             [[k, f"{v:.1f}"] for k, v in report["stage_seconds"].items()])]
-    lines += ["Files: " + ", ".join(f"`{f['path']}`" for k, f in report["files"].items() if k != Variant.DENSE)
-              + f", `{report['deploy']['path']}`" * (report["deploy"]["same_as"] != report["deploy"]["path"]) + ", `pruned.pt`" + (", `quantized.pt`" if plan else "") + " (load with `compress.load`), `report.json`, "
+    onnx_files = [f["path"] for k, f in report["files"].items() if k != Variant.DENSE]
+    onnx_files += [report["deploy"]["path"]] * (report["deploy"]["path"] not in onnx_files)
+    lines += ["Files: " + ", ".join(f"`{name}`" for name in onnx_files) + ", `pruned.pt`"
+              + (", `quantized.pt`" if plan else "") + " (load with `compress.load`), `report.json`, "
               "`pareto.png`, `bits.png`.", ""]
     versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
     lines += [f"Versions: {versions}.", ""]

@@ -567,9 +567,9 @@ class VerdictResult(StageResult):
 
 
 class VerdictStage(Stage):
-    """Failures and skipped checks: the recipe's thresholds on the shipped file (model_small.onnx when quantizing, else
-    model.onnx) and on the pruned fp32
-    file's parity. Accuracy thresholds are skipped (and listed) in timing-only runs, where accuracy means nothing."""
+    """Failures and skipped checks: the recipe's thresholds on the shipped file (model_small.onnx when quantizing,
+    else model.onnx), the top-1 drop also on model.onnx, the pruned fp32 file's parity. Accuracy thresholds are
+    skipped (and listed) in timing-only runs, where accuracy means nothing."""
 
     name = "verdict"
     timed = False
@@ -588,13 +588,16 @@ class VerdictStage(Stage):
             skipped = [f"{k} (timing-only run)" for k, v in accuracy_checks.items() if v is not None]
             failures = [f for f in failures if "agreement with the dense model" not in f]
         elif c.max_top1_drop is not None:
-            if not data.labelled or final.top1 is None:
-                skipped.append("check.max_top1_drop (the evaluation data has no labels)")
-            else:
-                drop = 100 * (dense_top1 - final.top1)
+            deploy = context.need(ExportResults).deploy
+            for key in dict.fromkeys((shipped, deploy)):  # the planned file and model.onnx (the same file or two)
+                file = checks[key]
+                if not data.labelled or file.top1 is None:
+                    skipped.append(f"check.max_top1_drop on {Path(file.path).name} (the evaluation data has no labels)")
+                    continue
+                drop = 100 * (dense_top1 - file.top1)
                 if drop > c.max_top1_drop:
-                    failures.append(f"top-1 drop {drop:.2f} points (dense {_pct(dense_top1)}, {Path(final.path).name} "
-                                    f"{_pct(final.top1)}) > check.max_top1_drop {c.max_top1_drop}")
+                    failures.append(f"top-1 drop {drop:.2f} points (dense {_pct(dense_top1)}, {Path(file.path).name} "
+                                    f"{_pct(file.top1)}) > check.max_top1_drop {c.max_top1_drop}")
         if c.max_latency_ms is not None and final.latency_ms.get(1, float("inf")) > c.max_latency_ms:
             failures.append(f"latency at batch 1 {final.latency_ms.get(1):.3f} ms > check.max_latency_ms {c.max_latency_ms}")
         return VerdictResult(failures, skipped)
