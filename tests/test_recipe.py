@@ -69,7 +69,7 @@ def test_report_md_is_a_readable_summary(demo_run) -> None:
     text = (out / "report.md").read_text()
     assert text.startswith("# Recipe `fmnist_jbr`: **PASS**")
     for needle in ("| variant | top-1 %", "dense fp32", "pruned + quantized, size-optimised (model_small.onnx)",
-                   "`model.onnx`, the file to deploy, is `model_int8.onnx` (the same file)", "## Bit plan",
+                   "`model.onnx` is the file to deploy (the same file as `model_int8.onnx`)", "## Bit plan",
                    "## Skipped or constrained layers", "`conv1`: torchao cannot quantize it", "## Stage timings"):
         assert needle in text
     assert "TIMING ONLY" not in text

@@ -43,11 +43,13 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 def _deploy_line(report: dict[str, Any]) -> str:
     """Which file model.onnx is, and its default-session latency against the dense model's."""
     deploy = report["deploy"]
-    ms = {k: report["checks"].get(k, {}).get("default_latency_ms", {}).get("1") for k in (deploy["variant"], Variant.DENSE)}
+    ms = {k: report["checks"].get(k, {}).get("default_latency_ms", {}).get("1")
+          for k in (deploy["variant"], Variant.DENSE)}
     timing = (f": {ms[deploy['variant']]:.3f} ms at batch 1 in a default session, dense {ms[Variant.DENSE]:.3f} ms"
               if None not in ms.values() else "")
-    same = "" if deploy["same_as"] == deploy["path"] else f" is `{deploy['same_as']}` (the same file)"
-    return (f"`{deploy['path']}`, the file to deploy,{same} needs no session option to run fast on the CPU{timing}. "
+    same = "" if deploy["same_as"] == deploy["path"] else f" (the same file as `{deploy['same_as']}`)"
+    return (f"`{deploy['path']}` is the file to deploy{same}; it needs no session option to run fast on the "
+            f"CPU{timing}. "
             "The size-optimised `model_small.onnx` (packed weights) wants `session.disable_quant_qdq=1` "
             "(`exporters.open_session` sets it).")
 
