@@ -161,9 +161,11 @@ def _squared_vjps_batched(f, params, x, probes, gen) -> dict[str, Tensor]:
     acc = {n: torch.zeros_like(t) for n, t in p.items()}
     for j in range(probes):
         v = rademacher(out.shape, gen, out)
-        grads = torch.autograd.grad((out * v).sum(), list(p.values()), retain_graph=j < probes - 1)
+        grads = torch.autograd.grad((out * v).sum(), list(p.values()), retain_graph=j < probes - 1,
+                                    allow_unused=True)  # layers an eval forward never calls (auxiliary heads): 0
         for n, g in zip(p, grads):
-            acc[n] += g * g / probes
+            if g is not None:
+                acc[n] += g * g / probes
     return {n: a[None] for n, a in acc.items()}
 
 

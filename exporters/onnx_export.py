@@ -67,19 +67,38 @@ def _write_qdq(model: nn.Module, graph: ir.Model, example: torch.Tensor, target:
     return ExportResult(target, size, "qdq-int8", opset, packed_layers, float_layers, in_scales, external)
 
 
+NOT_RUN = "not run in eval mode (e.g. an auxiliary classifier), so not in the file"
+
+
+@torch.no_grad()
+def layers_not_run(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn.Module]) -> set[str]:
+    """The ``layers`` an eval-mode forward of ``example`` never calls (GoogLeNet's and Inception's auxiliary heads):
+    the exported graph holds no weight of theirs."""
+    called: set[str] = set()
+    hooks = [m.register_forward_hook(lambda module, args, out, name=name: called.add(name)) for name, m in layers.items()]
+    try:
+        model.eval()(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return set(layers) - called
+
+
 def _write_weights(model: nn.Module, graph: ir.Model, example: torch.Tensor, target: Path, opset: int,
-                   packs: Mapping[str, QuantizedWeight], layers: Mapping[str, nn.Module], metadata: dict | None,
-                   in_scales: list[str], overwrite: bool) -> ExportResult:
-    """The fp32 file, or the weight-only packed one when the model has torchao weights (``packs``)."""
+                   packs: Mapping[str, QuantizedWeight], layers: Mapping[str, nn.Module], not_run: set[str],
+                   metadata: dict | None, in_scales: list[str], overwrite: bool) -> ExportResult:
+    """The fp32 file, or the weight-only packed one when the model has torchao weights (``packs``); layers an
+    eval forward never calls (``not_run``) are in no file and listed as float layers with that reason."""
+    packs = {n: p for n, p in packs.items() if n not in not_run}
     pack_initializers(graph, packs)
     kind = "packed" if packs else "fp32"
     bits = {name: packed.bits for name, packed in packs.items()}
     graph.metadata_props.update(metadata_props(model, example, kind, "fp32", bits, metadata))
     size, external = save(graph, target, overwrite, SINGLE_FILE_LIMIT_BYTES)
     if packs:
-        float_layers = {n: float_reason(m) for n, m in layers.items() if n not in packs}
+        float_layers = {n: NOT_RUN if n in not_run else float_reason(m) for n, m in layers.items() if n not in packs}
     else:
-        float_layers = {n: "fp32 export (the model has no quantized weights)" for n in layers}
+        float_layers = {n: NOT_RUN if n in not_run else "fp32 export (the model has no quantized weights)" for n in layers}
     return ExportResult(target, size, kind, opset, [p.layer(n) for n, p in packs.items()], float_layers, in_scales, external)
 
 
@@ -107,4 +126,5 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         graph = export_graph(float_model, example, opset)
         return _write_qdq(model, graph, example, target, opset, plan, calibration_data, metadata, in_scales, overwrite)
     graph = export_graph(float_model, example, opset)
-    return _write_weights(model, graph, example, target, opset, packs, layers, metadata, in_scales, overwrite)
+    not_run = layers_not_run(float_model, example, layers)
+    return _write_weights(model, graph, example, target, opset, packs, layers, not_run, metadata, in_scales, overwrite)

@@ -212,6 +212,34 @@ def test_channels_last_linear_is_packed_transposed(up, down, tmp_path) -> None:
     assert report.passed and report.rel_diff <= 1e-5, report.failures
 
 
+class AuxHeadNet(nn.Module):
+    """GoogLeNet's pattern: an auxiliary classifier that only a training-mode forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.aux, self.fc = nn.Conv2d(3, 16, 3), nn.Linear(16, 10), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(h) + (self.aux(h) if self.training else 0)
+
+
+@pytest.mark.parametrize("predictor", ["jvp", "noise"])
+def test_layers_an_eval_forward_never_calls_are_planned_and_left_out(predictor, tmp_path) -> None:
+    from compress import Budget, plan_bits, quantize
+    from compress.data import synthetic
+
+    torch.manual_seed(0)
+    model, x = AuxHeadNet().eval(), torch.zeros(1, 3, 8, 8)
+    plan = plan_bits(model, synthetic(8, (3, 8, 8)), Budget(avg_bits=6), example_inputs=x, calibration_samples=8,
+                     batch_size=8, predictor=predictor)
+    quantized = quantize(model, plan)
+    result = export_onnx(quantized, x, tmp_path / "aux.onnx")
+    assert "aux" not in {p.name for p in result.packed} and "not run in eval mode" in result.float_layers["aux"]
+    report = check(result.path, quantized, [torch.randn(4, 3, 8, 8)], latency_runs=1, batch_sizes=(1,))
+    assert report.passed and report.rel_diff <= 1e-5, report.failures
+
+
 def test_check_fails_against_another_model(fp32_file, test_batches) -> None:
     other = resolve("small_resnet")  # random weights, same structure
     report = check(fp32_file.path, other, test_batches, latency_runs=1, batch_sizes=(1,))
