@@ -12,6 +12,8 @@ its code is not in the file, so ``load(path, model=MyNet())`` replays the histor
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import os
 import pickle
 import zipfile
@@ -55,8 +57,11 @@ def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False, metadata
         raise CompressError(f"cannot tell which architecture this {name} is, so it could not be rebuilt on load",
                             f"save it with input_shape=(C, H, W) and load it with compress.load(path, model={name}(...)), "
                             "or create it with compress.models.resolve(name) before compressing")
+    state = model.state_dict()
     record = {"format": FORMAT, "version": VERSION, "spec": spec.to_dict(),
-              "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+              "state_dict": {k: v.detach().cpu() for k, v in state.items()},
+              # per-module state_dict versions (torchvision's MNASNet refuses to load without them)
+              "state_versions": {k: dict(v) for k, v in getattr(state, "_metadata", {}).items()},
               "metadata": dict(metadata or {})}
     with atomic_path(path, overwrite) as tmp:
         torch.save(record, tmp)
@@ -157,8 +162,10 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, *, m
     if mismatch is not None:
         raise CompressError(f"model= ({type(model).__name__}) does not match checkpoint {path}: {mismatch}",
                             "pass a freshly built, unpruned instance with the constructor arguments it was saved with")
+    weights = OrderedDict((k, v.to(target)) for k, v in state.items())
+    weights._metadata = OrderedDict(record.get("state_versions", {}))  # type: ignore[attr-defined]
     try:
-        model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
+        model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as err:
         raise CompressError(f"{path}: weights do not fit the recorded structure ({str(err).splitlines()[0]})",
                             "re-create the checkpoint") from err

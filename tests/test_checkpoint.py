@@ -110,3 +110,12 @@ def test_bare_state_dict_is_weights_not_a_model(tmp_path):
     assert set(read_state_dict(tmp_path / "sd.pth")) == set(model.state_dict())
     with pytest.raises(CompressError, match="does not fit"):
         resolve("small_resnet", weights=str(tmp_path / "sd.pth"), kwargs={"widths": (8, 16, 32)})
+
+
+def test_state_dict_versions_survive_the_round_trip(tmp_path) -> None:
+    """torchvision's MNASNet reads its state_dict version on load (and refuses None): the versions are saved."""
+    model = resolve("mnasnet0_5", kwargs={"num_classes": 10}, input_shape=(3, 64, 64)).eval()
+    loaded = load(save(model, tmp_path / "mnasnet.pt"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
