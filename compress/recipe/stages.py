@@ -29,8 +29,8 @@ from torch.utils.data import Dataset, Subset
 
 import exporters
 from exporters import ExportResult
-from exporters.check import CheckReport, check
-from exporters.runtimes import latency_ms, openvino_runner
+from exporters.check import CheckReport, check, open_runner
+from exporters.runtimes import latency_ms
 
 from ..checkpoint import save
 from ..data import CalibrationData, FashionMNIST, calibration, image_folder, loader, synthetic
@@ -513,7 +513,7 @@ def openvino_latencies(files: dict[Variant, ExportResult], batch_sizes: tuple[in
     """Median milliseconds per batch of every file compiled by OpenVINO for the CPU (float32 precision)."""
     out = {}
     for variant, export in files.items():
-        runner = openvino_runner(export.path, threads)
+        runner = open_runner(export.path, "openvino", threads)
         out[variant] = {b: latency_ms(runner, b, runs) for b in batch_sizes}
         del runner  # release OpenVINO's compiled model and infer request now, not at some later collection
         gc.collect()
