@@ -31,6 +31,7 @@ from .adapters.spec import attach_spec, user_spec, with_history
 from .data import CalibrationData, calibration
 from .errors import CompressError
 from .macs import count_macs_params
+from .quiet import quiet_third_party
 from .recover import recalibrate_bn
 from .validation import check_calibration, check_finite_weights
 
@@ -134,10 +135,12 @@ def _widths(model: nn.Module) -> dict[str, int]:
             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-def _ignored_names(model: nn.Module, adapter: ModelAdapter, ignored: Sequence[nn.Module | str]) -> list[str]:
-    """Names of the layers never pruned: the adapter's (classifier, LM head) plus the user's (modules or names)."""
+def _ignored_names(model: nn.Module, adapter: ModelAdapter, ignored: Sequence[nn.Module | str],
+                   example_inputs: Any) -> list[str]:
+    """Names of the layers never pruned: the adapter's (classifier, LM head, layers outside its pruning scope) plus
+    the user's (modules or names)."""
     names = {id(m): n for n, m in model.named_modules()}
-    out = [names[id(m)] for m in adapter.never_pruned(model)]
+    out = [names[id(m)] for m in adapter.never_pruned(model) + adapter.outside_pruning_scope(model, example_inputs)]
     for item in ignored:
         name = item if isinstance(item, str) else names.get(id(item))
         if name not in dict(model.named_modules()):
@@ -209,7 +212,7 @@ def grouped_convs(model: nn.Module) -> list[nn.Module]:
 
 def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, float, list]:
     """Prune ``net`` in place by one pruner step at ``channel_ratio``; (net, metric fraction, history entries)."""
-    with run.adapter.tracing(net):
+    with run.adapter.tracing(net), quiet_third_party():
         pruner = tp.pruner.BasePruner(net, run.example, importance=run.importance, global_pruning=run.global_pruning,
                                       pruning_ratio=channel_ratio, max_pruning_ratio=run.max_layer_ratio,
                                       iterative_steps=1,
@@ -217,7 +220,8 @@ def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, 
                                       round_to=run.round_to or run.adapter.round_to(net),
                                       unwrapped_parameters=run.adapter.unwrapped_parameters(net))
     criteria.prepare(run.importance, net, run.calib)
-    pruner.step()
+    with quiet_third_party():
+        pruner.step()
     run.adapter.sync_after_pruning(net)
     value = count_macs_params(net, run.example)[run.metric_index] / run.dense_value
     return net, value, [tuple(h) for h in pruner.pruning_history()]
@@ -313,7 +317,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
     before = count_macs_params(model, example)
     metric_index = 0 if target.metric == "macs" else 1
     run = _Run(name, make_importance(criterion, criterion_options), calib, example,
-               _ignored_names(model, adapter, ignored_layers), adapter, metric_index, before[metric_index],
+               _ignored_names(model, adapter, ignored_layers, example), adapter, metric_index, before[metric_index],
                global_pruning, max_layer_ratio, round_to, tolerance, max_bisections)
     widths_before = _widths(model)
     history: list[tuple[str, bool, list[int]]] = []

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import CompressError
 from ..nn_helpers import weight_layers
+from ..quiet import quiet_third_party
 from .spec import ModelSpec
 
 
@@ -78,6 +79,11 @@ class ModelAdapter:
         """Layers whose outputs are never pruned (classifier, LM head, embeddings)."""
         raise NotImplementedError
 
+    def outside_pruning_scope(self, model: nn.Module, example_inputs: Any) -> list[nn.Module]:
+        """Layers left unpruned because their channels pass through structure torch-pruning cannot follow (found on
+        the traced graph); default: none."""
+        return []
+
     def tracing(self, model: nn.Module) -> ContextManager[None]:
         """A context in which torch-pruning traces ``model`` (to build its dependency graph); default: as it is."""
         return contextlib.nullcontext()
@@ -92,7 +98,7 @@ class ModelAdapter:
     def dependency_graph(self, model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
         """torch-pruning's dependency graph of ``model``, traced in :meth:`tracing` with :meth:`unwrapped_parameters`
         (autograd on: this works inside ``torch.no_grad()``)."""
-        with torch.enable_grad(), self.tracing(model):
+        with torch.enable_grad(), self.tracing(model), quiet_third_party():
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
                                                          unwrapped_parameters=self.unwrapped_parameters(model))
 

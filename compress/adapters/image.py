@@ -2,7 +2,7 @@
 
 It covers torchvision's classification builders, the toolkit's ``small_resnet`` and any user ``nn.Module`` of that
 shape (timm models included): the classifier (last Linear, else last Conv2d) is never pruned, attention heads of
-``nn.MultiheadAttention`` fix the channel multiple, and torchvision/``small_resnet`` models are identified by
+``nn.MultiheadAttention`` fix the channel multiple (other attention: only MLP hidden channels are pruned), and torchvision/``small_resnet`` models are identified by
 building candidates on the meta device and comparing parameter shapes, so they rebuild on load.
 """
 
@@ -17,8 +17,10 @@ from torch import nn
 
 from ..data import inputs_of
 from ..errors import CompressError
+from ..quiet import quiet_third_party
 from ..small_resnet import SmallResNet
 from .base import InputSpec, ModelAdapter
+from .mlp_scope import mlp_expansions, unprunable_attention
 from .shuffle import opaque_shuffle, shuffle_outputs
 from .spec import IMAGENET_INPUT_SHAPE, ModelSpec, spec_of
 
@@ -84,9 +86,11 @@ def replay_pruning(model: nn.Module, spec: ModelSpec, adapter: ModelAdapter) -> 
     """Re-apply ``spec.pruning_history`` to a freshly built, unpruned ``model`` (torch-pruning's replay)."""
     if not spec.pruning_history:
         return model
-    graph = adapter.dependency_graph(model, spec.example_input())
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    graph = adapter.dependency_graph(model, spec.example_input(dtype=first.dtype if first is not None else None))
     try:
-        graph.load_pruning_history([[n, o, list(i)] for n, o, i in spec.pruning_history])
+        with quiet_third_party():
+            graph.load_pruning_history([[n, o, list(i)] for n, o, i in spec.pruning_history])
     except (AttributeError, IndexError, KeyError, RuntimeError) as err:
         raise CompressError(f"pruning history does not fit architecture {spec.arch}: {err}",
                             "load the checkpoint with the toolkit version that wrote it") from err
@@ -172,6 +176,13 @@ class ImageClassifierAdapter(ModelAdapter):
 
     def never_pruned(self, model: nn.Module) -> list[nn.Module]:
         return [classifier_layer(model)] + shuffle_outputs(model)
+
+    def outside_pruning_scope(self, model: nn.Module, example_inputs: Any) -> list[nn.Module]:
+        """With an attention torch-pruning cannot prune (see :mod:`.mlp_scope`): every layer but the MLPs' first."""
+        if not unprunable_attention(model):
+            return []
+        kept = set(mlp_expansions(self.dependency_graph(model, example_inputs)))
+        return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in kept]
 
     def tracing(self, model: nn.Module) -> ContextManager[None]:
         return opaque_shuffle(model)

@@ -71,11 +71,12 @@ class ModelSpec:
         """The qualified class name of a user model's spec (``module.QualName``)."""
         return self.arch.removeprefix(USER_ARCH_PREFIX)
 
-    def example_input(self, batch: int = 1, device: str | torch.device = "cpu") -> torch.Tensor:
+    def example_input(self, batch: int = 1, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
         if not self.input_shape:  # a user model saved without a known input shape
             raise CompressError(f"the input shape of {self.arch} is not recorded",
                                 "pass example_inputs=torch.zeros(1, C, H, W)")
-        return torch.zeros(batch, *self.input_shape, device=device)
+        return torch.zeros(batch, *self.input_shape, device=device, dtype=dtype)
 
 
 def user_arch(model: nn.Module) -> str:

@@ -57,6 +57,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="keep the rows of coverage.json in --out, run the others")
 
 
+def _trained_like(model: nn.Module) -> nn.Module:
+    """Give layers initialised to zero (torchvision ViT's head) small random weights, as training would: with a
+    zero head the output ignores every channel, so no criterion that looks at the output can rank any."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)) and not layer.weight.any():
+                layer.weight.normal_(0.0, 0.02, generator=generator)
+    return model
+
+
 def _torchvision_model(arch: str, size: int) -> tuple[nn.Module, int]:
     import torchvision
 
@@ -69,7 +80,7 @@ def _torchvision_model(arch: str, size: int) -> tuple[nn.Module, int]:
     kwargs: dict[str, Any] = {"num_classes": 10}
     if arch.startswith("vit_"):
         kwargs["image_size"] = size  # torchvision ViTs take any image size a multiple of the patch
-    return resolve(arch, kwargs=kwargs, input_shape=(3, size, size)).eval(), size
+    return _trained_like(resolve(arch, kwargs=kwargs, input_shape=(3, size, size)).eval()), size
 
 
 def _timm_model(name: str, size: int) -> tuple[nn.Module, int]:
@@ -78,7 +89,7 @@ def _timm_model(name: str, size: int) -> tuple[nn.Module, int]:
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 10}
     if "vit" in name or "deit" in name:
         kwargs["img_size"] = size
-    return timm.create_model(name, **kwargs).eval(), size
+    return _trained_like(timm.create_model(name, **kwargs).eval()), size
 
 
 def _reason(stage: str, err: BaseException) -> str:

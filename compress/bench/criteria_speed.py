@@ -68,9 +68,11 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     plain()  # warm-up
     base = timed(plain)
-    graph = adapter_for(model).dependency_graph(model, batches[0][0][:1])
+    adapter, example = adapter_for(model), batches[0][0][:1]
+    graph = adapter.dependency_graph(model, example)
     groups = list(graph.get_all_groups(root_module_types=[torch.nn.Conv2d, torch.nn.Linear],
-                                       ignored_layers=adapter_for(model).never_pruned(model)))
+                                       ignored_layers=adapter.never_pruned(model)
+                                       + adapter.outside_pruning_scope(model, example)))
     rows = []
     for name in args.criteria:
         def score() -> None:
