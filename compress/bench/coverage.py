@@ -68,19 +68,36 @@ def _trained_like(model: nn.Module) -> nn.Module:
     return model
 
 
+def _runs_at(model: nn.Module, size: int) -> bool:
+    """Whether ``model`` takes a (1, 3, size, size) input."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+    return True
+
+
 def _torchvision_model(arch: str, size: int) -> tuple[nn.Module, int]:
+    """A torchvision classifier with random weights at ``size``, raised when the structure needs more: ViTs are
+    built for the nearest multiple of their patch; others that fail at ``size`` (MaxViT's 7x7 partitions) get the
+    minimum of their weights' metadata."""
     import torchvision
 
-    minimum = 1
-    try:
-        minimum = int(torchvision.models.get_model_weights(arch).DEFAULT.meta.get("min_size", (1, 1))[0])
-    except (ValueError, KeyError, AttributeError):
-        pass
-    size = max(size, minimum)
     kwargs: dict[str, Any] = {"num_classes": 10}
-    if arch.startswith("vit_"):
-        kwargs["image_size"] = size  # torchvision ViTs take any image size a multiple of the patch
-    return _trained_like(resolve(arch, kwargs=kwargs, input_shape=(3, size, size)).eval()), size
+    if arch.startswith("vit_"):  # torchvision ViTs take any image size a multiple of the patch
+        patch = int(arch.rsplit("_", 1)[1])
+        size = -(-size // patch) * patch
+        kwargs["image_size"] = size
+    model = resolve(arch, kwargs=kwargs, input_shape=(3, size, size)).eval()
+    if not _runs_at(model, size):
+        try:
+            minimum = int(torchvision.models.get_model_weights(arch).DEFAULT.meta.get("min_size", (1, 1))[0])
+        except (ValueError, KeyError, AttributeError):
+            minimum = size
+        size = max(size, minimum)
+        model = resolve(arch, kwargs=kwargs, input_shape=(3, size, size)).eval()
+    return _trained_like(model), size
 
 
 def _timm_model(name: str, size: int) -> tuple[nn.Module, int]:
