@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from compress.bench.__main__ import main
 
 
@@ -20,3 +22,18 @@ def test_coverage_rows_say_how_far_each_model_got(tmp_path) -> None:
     assert rows["resnet_18"]["reached"] is None
     assert rows["resnet_18"]["reason"].startswith("build: CompressError: unknown model 'resnet_18'")
     assert "2/3 models end to end (67%)" in (tmp_path / "coverage.md").read_text()
+
+
+def test_coverage_builds_models_as_small_as_their_structure_allows() -> None:
+    """ViTs at the nearest multiple of their patch (and their zero-initialised head given weights, else no criterion
+    that reads the output can rank a channel); MaxViT, whose 7x7 partitions fail at 64, at its weights' minimum."""
+    from torch import nn
+
+    from compress.bench.coverage import _torchvision_model, _trained_like
+
+    vit, size = _torchvision_model("vit_b_32", 40)
+    assert size == 64 and vit.image_size == 64 and vit.heads.head.weight.abs().sum() > 0
+    assert _torchvision_model("maxvit_t", 64)[1] == 224
+    untouched = nn.Linear(3, 2)
+    before = untouched.weight.clone()
+    assert torch.equal(_trained_like(nn.Sequential(untouched))[0].weight, before)

@@ -24,6 +24,7 @@ from .mlp_scope import mlp_expansions, unprunable_attention
 from .shuffle import opaque_shuffle, shuffle_outputs
 from .spec import IMAGENET_INPUT_SHAPE, ModelSpec, spec_of
 
+WARNS_WITHOUT_INIT_WEIGHTS = ("googlenet", "inception_v3")  # torchvision builders that warn unless it is given
 LOCAL_ARCHS: dict[str, Callable[..., nn.Module]] = {"small_resnet": SmallResNet}
 LOCAL_INPUT_SHAPES: dict[str, Callable[[dict], tuple[int, ...]]] = {
     "small_resnet": lambda kw: (int(kw.get("in_channels", 1)), 28, 28),
@@ -48,7 +49,12 @@ def builder(arch: str) -> Callable[..., nn.Module]:
     if arch in torchvision_archs():
         import torchvision
 
-        return lambda **kw: torchvision.models.get_model(arch, weights=None, **kw)
+        def build(**kw: Any) -> nn.Module:
+            if arch in WARNS_WITHOUT_INIT_WEIGHTS:  # their default init is init_weights=True, with a FutureWarning
+                kw = {"init_weights": True, **kw}
+            return torchvision.models.get_model(arch, weights=None, **kw)
+
+        return build
     close = difflib.get_close_matches(arch, arch_names(), n=3)
     hint = f"did you mean {', '.join(close)}?" if close else "see compress.models.arch_names()"
     raise CompressError(f"unknown model {arch!r}", f"use a torchvision name (resnet18, resnet50, mobilenet_v2, ...) or small_resnet; {hint}")

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from exporters import export_onnx
 from exporters.check import check
@@ -34,6 +35,7 @@ from ..output import machine, markdown_table, write_json
 from ..plan import Budget, plan_bits
 from ..prune import Target, prune
 from ..quantize import quantize
+from ..recover import recalibrate_bn
 
 STAGES = ("build", "prune", "plan", "quantize", "export", "parity", "reload")
 TIMM_FAMILIES = ("resnet18", "resnext26ts", "efficientnet_b0", "mobilenetv3_small_100", "mobilenetv4_conv_small",
@@ -129,6 +131,9 @@ def run_one(name: str, build: Callable[[str, int], tuple[nn.Module, int]], args:
             state["dense"], row["size"] = build(name, args.image_size)
             state["x"] = torch.zeros(1, 3, row["size"], row["size"])
             state["data"] = synthetic(args.samples, (3, row["size"], row["size"]))
+            # as after training: BN statistics that fit the activations (else, with small random weights, they
+            # can fade to nothing, and the logits are the classifier's bias whatever the compression did)
+            recalibrate_bn(state["dense"], DataLoader(state["data"], batch_size=8), progress=False)
         elif stage == "prune":
             result = prune(state["dense"], state["data"], args.criterion, Target(macs=args.target),
                            example_inputs=state["x"], steps=args.steps, calibration_samples=args.samples, batch_size=8,
@@ -149,7 +154,8 @@ def run_one(name: str, build: Callable[[str, int], tuple[nn.Module, int]], args:
                 raise CompressError("; ".join(report.failures))
         elif stage == "reload":
             path = save(state["quantized"], folder / f"{name}.pt", overwrite=True)
-            reloaded = load(path)
+            # torchvision models rebuild from their name; others (timm) are user models: load onto a fresh build
+            reloaded = load(path) if args.zoo == "torchvision" else load(path, model=build(name, args.image_size)[0])
             x = torch.randn(2, *state["x"].shape[1:], generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
                 row["reload_max_diff"] = float((reloaded(x) - state["quantized"](x)).abs().max())
