@@ -163,3 +163,25 @@ def test_apply_quantization_on_cpu() -> None:
         apply_quantization(model, {"layers": {}, "quantized_on": "cuda"})
 
 
+
+
+def test_multihead_attention_out_proj_stays_float_and_the_quantized_vit_runs() -> None:
+    """torch's attention function transposes out_proj.weight itself (aten.t), which torchao's integer weight tensors
+    do not implement: that layer is kept in float with the reason, the others are quantized, and the model runs in
+    eval mode under no_grad (the fused fast path), where it used to raise NotImplementedError."""
+    import torchvision
+
+    from compress.data import synthetic
+    from compress.plan import Budget, plan_bits
+    from compress.quantize import quantize
+
+    torch.manual_seed(0)
+    vit = torchvision.models.vit_b_32(num_classes=4, image_size=32).eval()
+    vit.encoder.layers = vit.encoder.layers[:1]
+    x = torch.zeros(1, 3, 32, 32)
+    plan = plan_bits(vit, synthetic(8, (3, 32, 32)), Budget(avg_bits=6), example_inputs=x, calibration_samples=8)
+    out_proj = plan.layers["encoder.layers.encoder_layer_0.self_attention.out_proj"]
+    assert out_proj.bits == FLOAT and "out_proj" in out_proj.note
+    assert plan.layers["encoder.layers.encoder_layer_0.mlp.0"].bits in (4, 8)
+    with torch.no_grad():
+        assert quantize(vit, plan)(torch.randn(2, 3, 32, 32)).shape == (2, 4)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from compress.errors import CompressError
 from compress.nn_helpers import weight_layers
@@ -23,6 +24,10 @@ from .registry import register
 
 MappingName = Literal["symmetric", "asymmetric", "symmetric_no_clipping_err"]
 TORCHAO_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# nn.MultiheadAttention's output projection stays in float: torch's attention function multiplies by its weight
+# itself (aten.t, then addmm)
+MHA_OUT_PROJ = ("nn.MultiheadAttention's out_proj: torch's attention function transposes its weight itself "
+                "(aten.t), which torchao's integer weight tensors do not implement")
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,8 @@ class IntxBackend(QuantBackend):
         reason = dtype_reason(layer.weight.dtype)
         if reason:
             return LayerConfig(reason=reason)
+        if isinstance(layer, NonDynamicallyQuantizableLinear):
+            return LayerConfig(reason=MHA_OUT_PROJ)
         if choice == FLOAT8:
             return LayerConfig(reason="float8 needs a CUDA GPU with compute capability >= 8.9")
         return intx_config(layer, int(choice), group_size, mapping)
