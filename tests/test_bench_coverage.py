@@ -25,8 +25,8 @@ def test_coverage_rows_say_how_far_each_model_got(tmp_path) -> None:
 
 
 def test_coverage_builds_models_as_small_as_their_structure_allows() -> None:
-    """ViTs at the nearest multiple of their patch (and their zero-initialised head given weights, else no criterion
-    that reads the output can rank a channel); MaxViT, whose 7x7 partitions fail at 64, at its weights' minimum."""
+    """ViTs at the nearest multiple of their patch (and their zero-initialised head given weights, as zero norm
+    scales are, else no criterion that reads the output can rank a channel); MaxViT, whose 7x7 partitions fail at 64, at its weights' minimum."""
     from torch import nn
 
     from compress.bench.coverage import _torchvision_model, _trained_like
@@ -37,3 +37,6 @@ def test_coverage_builds_models_as_small_as_their_structure_allows() -> None:
     untouched = nn.Linear(3, 2)
     before = untouched.weight.clone()
     assert torch.equal(_trained_like(nn.Sequential(untouched))[0].weight, before)
+    zero_scale = nn.BatchNorm2d(3)  # timm's zero_init_last
+    nn.init.zeros_(zero_scale.weight)
+    assert torch.equal(_trained_like(nn.Sequential(zero_scale))[0].weight, torch.ones(3))

@@ -59,14 +59,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="keep the rows of coverage.json in --out, run the others")
 
 
+NORMS = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+
+
 def _trained_like(model: nn.Module) -> nn.Module:
-    """Give layers initialised to zero (torchvision ViT's head) small random weights, as training would: with a
-    zero head the output ignores every channel, so no criterion that looks at the output can rank any."""
+    """Undo the zero initialisations training moves away from: layers initialised to zero (torchvision ViT's head)
+    get small random weights, norms whose scale is zero (timm's ``zero_init_last``) a scale of 1. With a zero head,
+    or a zero scale on a block without a shortcut, the output ignores every channel, so no criterion that looks at
+    the output can rank any."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in model.modules():
-            if isinstance(layer, (nn.Linear, nn.Conv2d)) and not layer.weight.any():
-                layer.weight.normal_(0.0, 0.02, generator=generator)
+            weight = getattr(layer, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.any():
+                continue
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                weight.normal_(0.0, 0.02, generator=generator)
+            elif isinstance(layer, NORMS):
+                weight.fill_(1.0)
     return model
 
 
