@@ -219,6 +219,7 @@ def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, 
                                       ignored_layers=_modules_named(net, run.ignored) + grouped_convs(net),
                                       round_to=run.round_to or run.adapter.round_to(net),
                                       unwrapped_parameters=run.adapter.unwrapped_parameters(net))
+    pruner.DG = run.adapter.pruning_graph(net, pruner.DG)
     criteria.prepare(run.importance, net, run.calib)
     with quiet_third_party():
         pruner.step()

@@ -84,6 +84,11 @@ class ModelAdapter:
         the traced graph); default: none."""
         return []
 
+    def pruning_graph(self, model: nn.Module, graph: tp.DependencyGraph) -> tp.DependencyGraph:
+        """The graph torch-pruning prunes ``model`` with, from the one it traced (adjusted to the pruning scope);
+        default: as traced."""
+        return graph
+
     def tracing(self, model: nn.Module) -> ContextManager[None]:
         """A context in which torch-pruning traces ``model`` (to build its dependency graph); default: as it is."""
         return contextlib.nullcontext()

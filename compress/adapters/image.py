@@ -13,6 +13,7 @@ import warnings
 from typing import Any, Callable, ContextManager
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from ..data import inputs_of
@@ -20,7 +21,7 @@ from ..errors import CompressError
 from ..quiet import quiet_third_party
 from ..small_resnet import SmallResNet
 from .base import InputSpec, ModelAdapter
-from .mlp_scope import mlp_expansions, unprunable_attention
+from .mlp_scope import mlp_expansions, unprunable_attention, views_as_channelwise
 from .shuffle import opaque_shuffle, shuffle_outputs
 from .spec import IMAGENET_INPUT_SHAPE, ModelSpec, spec_of
 
@@ -93,7 +94,8 @@ def replay_pruning(model: nn.Module, spec: ModelSpec, adapter: ModelAdapter) -> 
     if not spec.pruning_history:
         return model
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    graph = adapter.dependency_graph(model, spec.example_input(dtype=first.dtype if first is not None else None))
+    graph = adapter.pruning_graph(model, adapter.dependency_graph(
+        model, spec.example_input(dtype=first.dtype if first is not None else None)))
     try:
         with quiet_third_party():
             graph.load_pruning_history([[n, o, list(i)] for n, o, i in spec.pruning_history])
@@ -189,6 +191,9 @@ class ImageClassifierAdapter(ModelAdapter):
             return []
         kept = set(mlp_expansions(self.dependency_graph(model, example_inputs)))
         return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in kept]
+
+    def pruning_graph(self, model: nn.Module, graph: tp.DependencyGraph) -> tp.DependencyGraph:
+        return views_as_channelwise(graph) if unprunable_attention(model) else graph
 
     def tracing(self, model: nn.Module) -> ContextManager[None]:
         return opaque_shuffle(model)

@@ -89,3 +89,14 @@ def mlp_expansions(graph: tp.DependencyGraph) -> list[nn.Module]:
     expansion conv of an inverted-residual block. Pruning them touches no reshape across heads or windows."""
     return [module for module, node in graph.module2node.items()
             if _width_out(module) is not None and is_local_group(node)]
+
+
+def views_as_channelwise(graph: tp.DependencyGraph) -> tp.DependencyGraph:
+    """Let torch-pruning pass channel indices through every view unchanged. Right for the groups pruned here (their
+    views keep the channels last, see :func:`is_local_group`); the others are never pruned. It spares the
+    shape inference torch-pruning redoes for every reshape each time it forms a group (most of Swin's pruning
+    time)."""
+    for node in graph.module2node.values():
+        if node.type == tp.ops.OPTYPE.RESHAPE:
+            node.type = tp.ops.OPTYPE.ELEMENTWISE
+    return graph
