@@ -129,6 +129,8 @@ class GateImportance(CalibratedImportance):
 
         def hook(name: str):
             def apply(module: nn.Module, inputs: Any, out: Tensor) -> Tensor:
+                if out.dim() == 0 or out.shape[0] != batch_rows[0]:
+                    return out  # not one row per sample (Swin V2's position-bias MLP): nothing to score per sample
                 dtype = torch.promote_types(out.dtype, torch.float32) if use_autocast else out.dtype
                 gate = torch.ones(_gate_shape(module, out), device=out.device, dtype=dtype, requires_grad=True)
                 gates.setdefault(name, []).append(gate)  # a module called twice gets one gate per call
@@ -136,6 +138,7 @@ class GateImportance(CalibratedImportance):
             return apply
 
         handles: list[Any] = []
+        batch_rows = [0]  # the samples of the batch being run
         widths: dict[str, int] = {}
         rows: list[Tensor] = []
         freeze = self.uses_dense_targets and self.dense_targets is None
@@ -150,6 +153,7 @@ class GateImportance(CalibratedImportance):
                         graph = adapter_for(model).dependency_graph(model, self.example_input)
                     handles = [m.register_forward_hook(hook(n)) for n, m in gate_points(model, graph).items()]
                 gates.clear()
+                batch_rows[0] = len(x)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                     logits = model(x)
                 if logits.dtype in (torch.float16, torch.bfloat16):

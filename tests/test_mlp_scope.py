@@ -98,14 +98,18 @@ def test_pruning_removes_mlp_hidden_units_exactly(tmp_path) -> None:
         assert torch.equal(reloaded(x), pruned(x))
 
 
-def test_torchvision_swin_prunes_its_mlps_and_reloads(tmp_path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_torchvision_swin_prunes_its_mlps_and_reloads(version, tmp_path) -> None:
     """torchvision's Swin (window attention via reshapes and rolls; a small one, same code) prunes only MLP hidden
-    channels, quietly (torch-pruning's shape-inference note is silenced), and replays onto a fresh instance."""
-    from torchvision.models.swin_transformer import SwinTransformer
+    channels, quietly (torch-pruning's shape-inference note is silenced), and replays onto a fresh instance. V2's
+    position-bias MLP runs on a coordinate table, not per sample: JBR leaves it ungated and it stays unpruned."""
+    from torchvision.models import swin_transformer as swin
+
+    extra = {} if version == 1 else {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2}
 
     def build() -> nn.Module:
         torch.manual_seed(0)
-        return SwinTransformer([4, 4], 16, [1, 1, 1, 1], [1, 1, 1, 1], [4, 4], num_classes=10).eval()
+        return swin.SwinTransformer([4, 4], 16, [1, 1, 1, 1], [2, 2, 2, 2], [4, 4], num_classes=10, **extra).eval()
 
     dense = build()
     hidden = [m.out_features for n, m in dense.named_modules() if n.endswith("mlp.0")]

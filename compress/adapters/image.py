@@ -21,7 +21,7 @@ from ..errors import CompressError
 from ..quiet import quiet_third_party
 from ..small_resnet import SmallResNet
 from .base import InputSpec, ModelAdapter
-from .mlp_scope import mlp_expansions, unprunable_attention, views_as_channelwise
+from .mlp_scope import mlp_expansions, per_sample_layers, unprunable_attention, views_as_channelwise
 from .shuffle import opaque_shuffle, shuffle_outputs
 from .spec import IMAGENET_INPUT_SHAPE, ModelSpec, spec_of
 
@@ -186,10 +186,12 @@ class ImageClassifierAdapter(ModelAdapter):
         return [classifier_layer(model)] + shuffle_outputs(model)
 
     def outside_pruning_scope(self, model: nn.Module, example_inputs: Any) -> list[nn.Module]:
-        """With an attention torch-pruning cannot prune (see :mod:`.mlp_scope`): every layer but the MLPs' first."""
+        """With an attention torch-pruning cannot prune (see :mod:`.mlp_scope`): every layer but the first of each
+        MLP (or inverted-residual block) that runs per sample."""
         if not unprunable_attention(model):
             return []
         kept = set(mlp_expansions(self.dependency_graph(model, example_inputs)))
+        kept &= set(per_sample_layers(model, example_inputs))
         return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in kept]
 
     def pruning_graph(self, model: nn.Module, graph: tp.DependencyGraph) -> tp.DependencyGraph:
