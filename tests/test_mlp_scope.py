@@ -124,3 +124,20 @@ def test_torchvision_swin_prunes_its_mlps_and_reloads(version, tmp_path) -> None
     reloaded = load(save(result.model, tmp_path / "swin.pt"), model=build())
     with torch.no_grad():
         assert torch.equal(reloaded(x), result.model(x))
+
+
+def test_opaque_patch_merging_matches_torchvision_in_float64() -> None:
+    """The node Swin's patch merging becomes while torch-pruning traces: same values, same gradients (odd sizes
+    included: the merge pads), and torchvision's function is back afterwards."""
+    from torchvision.models import swin_transformer
+
+    from compress.adapters.swin import _PatchMerge, opaque_patch_merging
+
+    original = swin_transformer._patch_merging_pad
+    x = torch.randn(2, 5, 7, 3, dtype=torch.float64, requires_grad=True)
+    model = swin_transformer.swin_t()
+    with opaque_patch_merging(model):
+        assert swin_transformer._patch_merging_pad is not original
+        assert torch.equal(swin_transformer._patch_merging_pad(x), original(x))
+        assert torch.autograd.gradcheck(_PatchMerge.apply, (x,))
+    assert swin_transformer._patch_merging_pad is original

@@ -8,9 +8,10 @@ building candidates on the meta device and comparing parameter shapes, so they r
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import warnings
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, Iterator
 
 import torch
 import torch_pruning as tp
@@ -23,6 +24,7 @@ from ..small_resnet import SmallResNet
 from .base import InputSpec, ModelAdapter
 from .mlp_scope import mlp_expansions, per_sample_layers, unprunable_attention, views_as_channelwise
 from .shuffle import opaque_shuffle, shuffle_outputs
+from .swin import opaque_patch_merging
 from .spec import IMAGENET_INPUT_SHAPE, ModelSpec, spec_of
 
 WARNS_WITHOUT_INIT_WEIGHTS = ("googlenet", "inception_v3")  # torchvision builders that warn unless it is given
@@ -197,8 +199,10 @@ class ImageClassifierAdapter(ModelAdapter):
     def pruning_graph(self, model: nn.Module, graph: tp.DependencyGraph) -> tp.DependencyGraph:
         return views_as_channelwise(graph) if unprunable_attention(model) else graph
 
-    def tracing(self, model: nn.Module) -> ContextManager[None]:
-        return opaque_shuffle(model)
+    @contextlib.contextmanager
+    def tracing(self, model: nn.Module) -> Iterator[None]:
+        with opaque_shuffle(model), opaque_patch_merging(model):
+            yield
 
     def round_to(self, model: nn.Module) -> int | None:
         heads = list(self.attention_heads(model).values())
