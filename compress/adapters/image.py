@@ -2,8 +2,9 @@
 
 It covers torchvision's classification builders, the toolkit's ``small_resnet`` and any user ``nn.Module`` of that
 shape (timm models included): the classifier (last Linear, else last Conv2d) is never pruned, attention heads of
-``nn.MultiheadAttention`` fix the channel multiple (other attention: only MLP hidden channels are pruned), and torchvision/``small_resnet`` models are identified by
-building candidates on the meta device and comparing parameter shapes, so they rebuild on load.
+``nn.MultiheadAttention`` fix the channel multiple (with any other attention only local groups such as MLP hidden
+channels are pruned, see ``mlp_scope``), and torchvision/``small_resnet`` models are identified by building
+candidates on the meta device and comparing parameter shapes, so they rebuild on load.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""Transformers whose attention the adapter cannot prune: prune the MLP hidden channels only.
+"""Transformers whose attention the adapter cannot prune: prune local channel groups only (MLP hidden channels).
 
 torch-pruning prunes ``nn.MultiheadAttention`` head-consistently, but an attention written out by hand (timm's
 ``Attention``, torchvision's Swin ``ShiftedWindowAttention`` and MaxViT attention) reshapes its ``qkv`` output into
 heads and windows. torch-pruning then maps channel indices through those reshapes as if they were flattens (wrong
 widths, and lists of millions of indices: Swin's embedding group takes hours to build). In such models only the
 standard transformer width is pruned: the hidden channels of each MLP, ``fc1`` -> activation -> ``fc2``, which no
-reshape touches. The embedding width and the attention are kept.
+reshape touches (and, in hybrids such as MaxViT, the expansion of each inverted-residual block). The embedding
+width and the attention are kept.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def is_local_group(root: tp.dependency.Node, limit: int = GROUP_NODE_LIMIT) -> b
     """Whether the channels ``root`` outputs stay among a few per-channel nodes until layers read them: the
     closure over shared channels (forward through outputs, and back into the other inputs of element-wise ops
     such as a squeeze-excitation product) meets only per-channel nodes and layers of the same width, within
-    ``limit`` nodes, and some layer reads them (a classifier's outputs are no group). Such a group is pruned the same by torch-pruning without touching a reshape it cannot follow."""
+    ``limit`` nodes, and some layer reads them (a classifier's outputs are no group). torch-pruning prunes such a
+    group without touching a reshape it cannot follow."""
     width = _width_out(root.module)
     read = False
     seen: set[tuple[int, bool]] = {(id(root), True)}
