@@ -154,9 +154,11 @@ def _modules_named(model: nn.Module, names: list[str]) -> list[nn.Module]:
     return [named[n] for n in names]
 
 
-def _scores_tied(model: nn.Module, example_inputs: torch.Tensor, importance: Any, ignored: list[nn.Module],
-                 adapter: ModelAdapter) -> bool:
-    """Whether ``importance`` scores every prunable channel of ``model`` equally (torch-pruning then removes none)."""
+def _scores_tied(model: nn.Module, example_inputs: torch.Tensor, importance: Any, calib: Any,
+                 ignored: list[nn.Module], adapter: ModelAdapter) -> bool:
+    """Whether ``importance`` scores every prunable channel of ``model`` equally (torch-pruning then removes none);
+    the criterion is prepared on ``model`` first (the trials prepared it on their pruned copies)."""
+    criteria.prepare(importance, model, calib)
     graph = adapter.dependency_graph(model, example_inputs)
     scores = [importance(g) for g in graph.get_all_groups(ignored_layers=ignored,
                                                            root_module_types=(nn.Conv2d, nn.Linear))]
@@ -265,7 +267,7 @@ def _search_ratio(run: _Run, model: nn.Module, goal: float, current: float) -> t
         guess = _next_guess(lo, hi, aim)
     if above is not None and above[1] <= goal + run.tolerance and (best is None or best[1] < goal - run.tolerance):
         best = above
-    if best is None and above is None and _scores_tied(model, run.example, run.importance,
+    if best is None and above is None and _scores_tied(model, run.example, run.importance, run.calib,
                                                       _modules_named(model, run.ignored), run.adapter):
         raise CompressError(f"criterion {run.name!r} gives every prunable channel the same score, so no channel can "
                             "be ranked (all 0 when the output ignores them, e.g. torchvision ViT's zero-initialised head before "
