@@ -2,13 +2,14 @@
 
 * :func:`eval_mode`: a model in eval mode for a block, each submodule's own flag restored afterwards.
 * :func:`weight_layers`: the Conv2d/Linear layers whose weights the toolkit prunes, plans and quantizes.
+* :func:`output_shapes`: the output shape of each of some layers in one forward (absent: the layer never ran).
 * :func:`model_device`, :func:`fingerprint` (structure as caches see it), :func:`set_module` (replace by name).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +20,25 @@ WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The Conv2d and Linear modules of ``model``, keyed by module name (e.g. ``layers.0.0.conv1``)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES)}
+
+
+@torch.no_grad()
+def output_shapes(model: nn.Module, inputs: Any, layers: Mapping[str, nn.Module]) -> dict[str, torch.Size]:
+    """The output shape of each of ``layers`` (by name) in one forward of ``inputs`` under no_grad, from its first
+    call; a layer the forward never calls is absent."""
+    shapes: dict[str, torch.Size] = {}
+
+    def record(name: str, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            shapes.setdefault(name, output.shape)
+
+    hooks = [m.register_forward_hook(lambda _m, _a, out, name=name: record(name, out)) for name, m in layers.items()]
+    try:
+        model(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from compress.atomic import refuse_existing
 from compress.backends.candidates import FLOAT as FLOAT_BITS
 from compress.errors import CompressError
 from compress.fold import fold_batchnorm
+from compress.nn_helpers import output_shapes
 
 from .onnx_graph import (METADATA_PREFIX, MIN_OPSET, SINGLE_FILE_LIMIT_BYTES, example_tensor, export_graph,
                          metadata_props, save)
@@ -70,18 +71,10 @@ def _write_qdq(model: nn.Module, graph: ir.Model, example: torch.Tensor, target:
 NOT_RUN = "not run in eval mode (e.g. an auxiliary classifier), so not in the file"
 
 
-@torch.no_grad()
 def layers_not_run(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn.Module]) -> set[str]:
     """The ``layers`` an eval-mode forward of ``example`` never calls (GoogLeNet's and Inception's auxiliary heads):
     the exported graph holds no weight of theirs."""
-    called: set[str] = set()
-    hooks = [m.register_forward_hook(lambda module, args, out, name=name: called.add(name)) for name, m in layers.items()]
-    try:
-        model.eval()(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return set(layers) - called
+    return set(layers) - set(output_shapes(model.eval(), example, layers))
 
 
 def _write_weights(model: nn.Module, graph: ir.Model, example: torch.Tensor, target: Path, opset: int,

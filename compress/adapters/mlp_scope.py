@@ -11,11 +11,11 @@ width and the attention are kept.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch_pruning as tp
 from torch import nn
+
+from ..nn_helpers import output_shapes, weight_layers
 
 # node types that keep channel c at channel c: activations and other element-wise ops, BatchNorm, depthwise convs,
 # and views that keep the last dimension (a channels-last tensor flattened or split into windows; checked below)
@@ -111,18 +111,6 @@ def per_sample_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn
     """The Linear and conv layers whose output has one row per sample (found on a batch of two copies of
     ``example_inputs``). Others compute from buffers, e.g. Swin V2's position-bias MLP on its coordinate table:
     criteria that score channels per sample cannot score them, and they are left unpruned."""
-    seen: list[nn.Module] = []
-
-    def record(module: nn.Module, _: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and output.dim() > 0 and output.shape[0] == 2:
-            seen.append(module)
-
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    handles = [m.register_forward_hook(record) for m in layers]
-    try:
-        with torch.no_grad():
-            model(torch.cat([example_inputs[:1]] * 2))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    layers = weight_layers(model)
+    shapes = output_shapes(model, torch.cat([example_inputs[:1]] * 2), layers)
+    return [layers[name] for name, shape in shapes.items() if len(shape) > 0 and shape[0] == 2]
