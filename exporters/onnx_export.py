@@ -69,29 +69,32 @@ def _write_qdq(model: nn.Module, graph: ir.Model, example: torch.Tensor, target:
 
 
 NOT_RUN = "not run in eval mode (e.g. an auxiliary classifier), so not in the file"
+FOLDED = ("computed from constants only (e.g. Swin V2's position-bias MLP on its coordinate table), so the exporter "
+          "folded it into a constant that holds its quantized result")
 
 
-def layers_not_run(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn.Module]) -> set[str]:
-    """The ``layers`` an eval-mode forward of ``example`` never calls (GoogLeNet's and Inception's auxiliary heads):
-    the exported graph holds no weight of theirs."""
-    return set(layers) - set(output_shapes(model.eval(), example, layers))
+def layers_not_in_file(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn.Module]) -> dict[str, str]:
+    """The ``layers`` whose weights the exported graph cannot hold, with the reason: those an eval-mode forward never
+    calls (GoogLeNet's and Inception's auxiliary heads) and those whose output has no batch dimension (found on
+    two copies of ``example``), which the exporter constant-folds."""
+    shapes = output_shapes(model.eval(), torch.cat([example[:1]] * 2), layers)
+    absent = {name: NOT_RUN for name in layers if name not in shapes}
+    return absent | {name: FOLDED for name, shape in shapes.items() if len(shape) == 0 or shape[0] != 2}
 
 
 def _write_weights(model: nn.Module, graph: ir.Model, example: torch.Tensor, target: Path, opset: int,
-                   packs: Mapping[str, QuantizedWeight], layers: Mapping[str, nn.Module], not_run: set[str],
+                   packs: Mapping[str, QuantizedWeight], layers: Mapping[str, nn.Module], not_in_file: dict[str, str],
                    metadata: dict | None, in_scales: list[str], overwrite: bool) -> ExportResult:
-    """The fp32 file, or the weight-only packed one when the model has torchao weights (``packs``); layers an
-    eval forward never calls (``not_run``) are in no file and listed as float layers with that reason."""
-    packs = {n: p for n, p in packs.items() if n not in not_run}
+    """The fp32 file, or the weight-only packed one when the model has torchao weights (``packs``); layers whose
+    weights the graph cannot hold (``not_in_file``) are listed as float layers with the reason."""
+    packs = {n: p for n, p in packs.items() if n not in not_in_file}
     pack_initializers(graph, packs)
     kind = "packed" if packs else "fp32"
     bits = {name: packed.bits for name, packed in packs.items()}
     graph.metadata_props.update(metadata_props(model, example, kind, "fp32", bits, metadata))
     size, external = save(graph, target, overwrite, SINGLE_FILE_LIMIT_BYTES)
-    if packs:
-        float_layers = {n: NOT_RUN if n in not_run else float_reason(m) for n, m in layers.items() if n not in packs}
-    else:
-        float_layers = {n: NOT_RUN if n in not_run else "fp32 export (the model has no quantized weights)" for n in layers}
+    unpacked = float_reason if packs else (lambda _m: "fp32 export (the model has no quantized weights)")
+    float_layers = {n: not_in_file.get(n) or unpacked(m) for n, m in layers.items() if n not in packs}
     return ExportResult(target, size, kind, opset, [p.layer(n) for n, p in packs.items()], float_layers, in_scales, external)
 
 
@@ -119,5 +122,5 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
         graph = export_graph(float_model, example, opset)
         return _write_qdq(model, graph, example, target, opset, plan, calibration_data, metadata, in_scales, overwrite)
     graph = export_graph(float_model, example, opset)
-    not_run = layers_not_run(float_model, example, layers)
-    return _write_weights(model, graph, example, target, opset, packs, layers, not_run, metadata, in_scales, overwrite)
+    not_in_file = layers_not_in_file(float_model, example, layers)
+    return _write_weights(model, graph, example, target, opset, packs, layers, not_in_file, metadata, in_scales, overwrite)

@@ -22,6 +22,7 @@ from ..errors import CompressError
 from ..nn_helpers import weight_layers
 from ..quiet import quiet_third_party
 from .spec import ModelSpec
+from .split_order import split_outputs_in_order
 
 
 def outside_pruned_layers(model: nn.Module) -> list[nn.Parameter]:
@@ -102,10 +103,10 @@ class ModelAdapter:
 
     def dependency_graph(self, model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
         """torch-pruning's dependency graph of ``model``, traced in :meth:`tracing` with :meth:`unwrapped_parameters`
-        (autograd on: this works inside ``torch.no_grad()``)."""
+        (autograd on: this works inside ``torch.no_grad()``), split outputs in order (see :mod:`.split_order`)."""
         with torch.enable_grad(), self.tracing(model), quiet_third_party():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
-                                                         unwrapped_parameters=self.unwrapped_parameters(model))
+            return split_outputs_in_order(tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, unwrapped_parameters=self.unwrapped_parameters(model)))
 
     def round_to(self, model: nn.Module) -> int | None:
         """The channel multiple the structure requires (attention heads keep equal widths), or None."""

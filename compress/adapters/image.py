@@ -23,6 +23,8 @@ from ..errors import CompressError
 from ..quiet import quiet_third_party
 from ..small_resnet import SmallResNet
 from .base import InputSpec, ModelAdapter
+from .fixed_views import has_fixed_channel_views, layers_into_fixed_views
+from .mixed_conv import split_convs, sync_split_sizes
 from .mlp_scope import mlp_expansions, per_sample_layers, unprunable_attention, views_as_channelwise
 from .shuffle import opaque_shuffle, shuffle_outputs
 from .swin import opaque_patch_merging
@@ -190,12 +192,15 @@ class ImageClassifierAdapter(ModelAdapter):
 
     def outside_pruning_scope(self, model: nn.Module, example_inputs: Any) -> list[nn.Module]:
         """With an attention torch-pruning cannot prune (see :mod:`.mlp_scope`): every layer but the first of each
-        MLP (or inverted-residual block) that runs per sample."""
-        if not unprunable_attention(model):
-            return []
-        kept = set(mlp_expansions(self.dependency_graph(model, example_inputs)))
-        kept &= set(per_sample_layers(model, example_inputs))
-        return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in kept]
+        MLP (or inverted-residual block) that runs per sample. Otherwise the layers whose channels reach a split
+        or slice of fixed size (see :mod:`.fixed_views`)."""
+        if unprunable_attention(model):
+            kept = set(mlp_expansions(self.dependency_graph(model, example_inputs)))
+            kept &= set(per_sample_layers(model, example_inputs))
+            return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in kept]
+        if has_fixed_channel_views(model, example_inputs):
+            return layers_into_fixed_views(self.dependency_graph(model, example_inputs))
+        return []
 
     def pruning_graph(self, model: nn.Module, graph: tp.DependencyGraph) -> tp.DependencyGraph:
         return views_as_channelwise(graph) if unprunable_attention(model) else graph
@@ -217,6 +222,8 @@ class ImageClassifierAdapter(ModelAdapter):
 
         if isinstance(model, VisionTransformer):
             model.hidden_dim = model.conv_proj.out_channels
+        for mixed in split_convs(model):
+            sync_split_sizes(mixed)
         return model
 
     def identify(self, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> ModelSpec | None:
