@@ -16,8 +16,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
+from .distributed import rank_and_world, shard
 from .errors import CompressError
 from .images import check_unreadable, scan
 
@@ -163,11 +164,23 @@ def available_cores() -> int:
 
 
 def loader(dataset: Dataset, batch_size: int = 128, *, shuffle: bool = False, seed: int = 0,
-           drop_last: bool = False, workers: int = 0) -> DataLoader:
+           drop_last: bool = False, workers: int = 0, shard: bool = False) -> DataLoader:
     """A DataLoader whose order depends only on ``seed``; ``workers`` decode images in parallel (image folders),
-    at most one per available core (more only make the DataLoader warn and thrash)."""
+    at most one per available core (more only make the DataLoader warn and thrash).
+
+    ``shard=True`` under torch.distributed: each rank loads its share of every global batch of ``batch_size``
+    (``batch_size // world`` items, from a seeded ``DistributedSampler`` that pads the epoch to a multiple of the
+    world size), for data-parallel training."""
     batched = _fetches_batches(dataset)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+    _, world = rank_and_world()
+    sampler = None
+    if shard and world > 1:
+        if batch_size % world:
+            raise CompressError(f"a global batch of {batch_size} cannot be split over {world} processes",
+                                f"use a batch size that is a multiple of {world}")
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        batch_size, shuffle = batch_size // world, False
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
                       generator=torch.Generator().manual_seed(seed), collate_fn=_collate_batched if batched else None,
                       num_workers=0 if batched else min(workers, available_cores()))
 
@@ -201,6 +214,8 @@ class CalibrationData:
 
     Built from a map-style dataset it is a fixed random subset of ``num_samples`` items (chosen by ``seed``);
     built from any other iterable it is the inputs of the first batches that add up to ``num_samples``.
+    Under torch.distributed a dataset's subset is sharded: each rank reads every world-size-th item of it (the
+    union over ranks is the single-process subset); an iterable is taken as this rank's own data.
     """
 
     source: Any
@@ -211,11 +226,9 @@ class CalibrationData:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if isinstance(self.source, Dataset) and hasattr(self.source, "__len__"):
-            n = min(self.num_samples, len(self.source))
-            g = torch.Generator().manual_seed(self.seed)
-            subset = torch.randperm(len(self.source), generator=g)[:n].sort().values.tolist()
+            subset = self._subset()
             ds = self.source
-            for start in range(0, n, self.batch_size):
+            for start in range(0, len(subset), self.batch_size):
                 idx = subset[start:start + self.batch_size]
                 if _fetches_batches(ds):
                     batch = ds.__getitems__(idx)
@@ -234,6 +247,16 @@ class CalibrationData:
             seen += len(x)
             yield self._select((x, None if y is None else y[:keep]))
 
+    def _subset(self) -> list[int]:
+        """This rank's indices of the seeded subset of a dataset (all of them in a single process)."""
+        n = min(self.num_samples, len(self.source))
+        _, world = rank_and_world()
+        if n < world:
+            raise CompressError(f"{n} calibration samples cannot be shared by {world} processes",
+                                f"use at least {world} samples, or fewer processes")
+        g = torch.Generator().manual_seed(self.seed)
+        return shard(torch.randperm(len(self.source), generator=g)[:n].sort().values.tolist())
+
     def _select(self, batch: Any) -> Any:
         x, y = inputs_of(batch), labels_of(batch)
         if not self.with_labels:
@@ -245,7 +268,7 @@ class CalibrationData:
     def __len__(self) -> int:
         """Number of batches (for progress bars); exact for datasets, an upper bound otherwise."""
         sized = isinstance(self.source, Dataset) and hasattr(self.source, "__len__")
-        n = min(self.num_samples, len(self.source)) if sized else self.num_samples
+        n = len(self._subset()) if sized else self.num_samples
         return -(-n // self.batch_size)
 
 

@@ -3,7 +3,7 @@
 * :func:`eval_mode`: a model in eval mode for a block, each submodule's own flag restored afterwards.
 * :func:`weight_layers`: the Conv2d/Linear layers whose weights the toolkit prunes, plans and quantizes.
 * :func:`output_shapes`: the output shape of each of some layers in one forward (absent: the layer never ran).
-* :func:`model_device`, :func:`fingerprint` (structure as caches see it), :func:`set_module` (replace by name).
+* :func:`model_device`, :func:`on_model` (a batch on the model's device and dtype), :func:`fingerprint` (structure as caches see it), :func:`set_module` (replace by name).
 """
 
 from __future__ import annotations
@@ -60,6 +60,15 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def on_model(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``x`` on the model's device, and in its dtype when both are floating point (a float64 or bf16 model takes
+    float32 data)."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if first is None:
+        return x.to(model_device(model))
+    return x.to(first.device, first.dtype if x.is_floating_point() else x.dtype)
 
 
 def fingerprint(model: nn.Module) -> tuple:

@@ -12,6 +12,7 @@ latency table).
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Iterable, Literal, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from .backends import backend_for
 from .backends.base import LayerConfig, QuantBackend
 from .backends.candidates import FLOAT, FLOAT8, Choice, order, storage_bits
 from .data import CalibrationData, calibration
+from .distributed import agree
 from .errors import CompressError
 from .macs import layer_macs
 from .planning.allocators import ALLOCATION_STRATEGIES, Allocation
@@ -177,5 +179,7 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
                            size(n, chosen[n]), dict(tpv[n]), notes.get(n, ""), float8=chosen[n] == FLOAT8,
                            excluded=dict(excluded[n]))
               for n in names}
+    agree(float(zlib.crc32(repr(sorted((n, chosen[n]) for n in names)).encode())), "the bit plan",
+          "give every rank the same model, data size, budget and settings")
     return BitPlan(result, allocator, budget, group_size, mapping, predictor,
                    latency_table if budget.kind == "latency" else None, target, capability)

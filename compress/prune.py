@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
@@ -31,6 +32,7 @@ from .adapters.spec import attach_spec, user_spec, with_history
 from .adapters.split_order import split_outputs_in_order
 from .capped_importance import CappedImportance
 from .data import CalibrationData, calibration
+from .distributed import agree
 from .errors import CompressError
 from .macs import count_macs_params
 from .quiet import quiet_third_party
@@ -338,6 +340,8 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
                                 f"max_layer_ratio={max_layer_ratio} or ignored)",
                                 "raise max_layer_ratio or ask for a less aggressive target")
         model, current, entries, ratio = best
+        agree(float(zlib.crc32(repr(entries).encode())), f"the channels pruned at step {k}",
+              "give every rank the same model, criterion, target and settings")
         if recalibrate and k < steps:
             recalibrate_bn(model, calib, progress=False)
         history.extend(entries)

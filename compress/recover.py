@@ -18,14 +18,17 @@ from tqdm.auto import tqdm
 
 from .adapters import adapter_for
 from .data import labels_of
+from .distributed import all_reduce_sums, is_distributed
 from .errors import CompressError
 from .fold import BATCHNORMS
+from .nn_helpers import model_device
 
 
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: Iterable[Any], progress: bool = True) -> nn.Module:
-    """Reset every BatchNorm's running statistics and re-estimate them on ``data`` (cumulative average)."""
+    """Reset every BatchNorm's running statistics and re-estimate them on ``data`` (cumulative average over
+    batches); under torch.distributed the average runs over every rank's batches (see :func:`_pool_across_ranks`)."""
     norms = [m for m in model.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
     if not norms:
         return model
@@ -48,7 +51,35 @@ def recalibrate_bn(model: nn.Module, data: Iterable[Any], progress: bool = True)
         model.train(was_training)
     if seen == 0:
         raise CompressError("BatchNorm recalibration got no data", "pass a non-empty calibration set")
+    _pool_across_ranks(norms)
     return model
+
+
+@torch.no_grad()
+def _pool_across_ranks(norms: list[nn.Module]) -> None:
+    """Each rank's cumulative batch averages of mean and variance, weighted by its batch count and summed over the
+    ranks: the averages over all ranks' batches, identical everywhere (no-op in a single process)."""
+    if not is_distributed():
+        return
+    weighted = {}
+    for i, m in enumerate(norms):
+        batches = m.num_batches_tracked.double()
+        weighted[f"{i}.mean"], weighted[f"{i}.var"] = m.running_mean.double() * batches, m.running_var.double() * batches
+        weighted[f"{i}.batches"] = batches.reshape(1)
+    pooled = all_reduce_sums(weighted)
+    for i, m in enumerate(norms):
+        batches = pooled[f"{i}.batches"]
+        m.running_mean.copy_(pooled[f"{i}.mean"] / batches)
+        m.running_var.copy_(pooled[f"{i}.var"] / batches)
+        m.num_batches_tracked.fill_(int(batches.item()))
+
+
+def _data_parallel(model: nn.Module) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel under torch.distributed (the model itself otherwise)."""
+    if not is_distributed():
+        return model
+    device = model_device(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, steps: int = 200, lr: float = 1e-3,
@@ -57,6 +88,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, step
     """Train ``student`` towards ``teacher``'s logits for ``steps`` batches (cycling ``data``); returns the losses.
 
     Deterministic given ``seed`` and the order of ``data``. The teacher stays frozen in eval mode.
+    Under torch.distributed the student trains as a ``DistributedDataParallel`` module: each rank feeds its own
+    share of every global batch (``data`` is this rank's, e.g. a :func:`compress.data.loader` with ``shard=True``),
+    the gradients are averaged across ranks, and every rank ends with the same weights (BatchNorm layers use each
+    rank's batch statistics, as DDP does). The returned losses are this rank's.
     """
     if steps < 1:
         return []
@@ -65,6 +100,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, step
     torch.manual_seed(seed)
     teacher.eval()
     student.train()
+    trained = _data_parallel(student)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     losses: list[float] = []
@@ -74,7 +110,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Iterable[Any], *, step
         x = adapter.inputs_of(batch)
         with torch.no_grad():
             target = F.log_softmax(teacher_adapter.forward(teacher, x) / temperature, dim=1)
-        logits = adapter.forward(student, x)
+        logits = adapter.forward(trained, x)
         loss = F.kl_div(F.log_softmax(logits / temperature, dim=1), target, log_target=True,
                         reduction="batchmean") * temperature**2
         labels = labels_of(batch)

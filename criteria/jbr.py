@@ -23,6 +23,9 @@ the group's dependency graph, so ``JBRImportance(data)`` needs no further call; 
 pass eagerly. The calibration data must yield the same samples in the same order at every pass (checked by a
 checksum per batch), since m(x) is stored per sample.
 
+torch.distributed: each rank scores its shard of the calibration data; the per-group sums of squares and sample
+counts are summed across ranks (one all-reduce per scored group), so the scores are the union's.
+
 Memory: one float32 per (row, gated channel) on the CPU, rows = calibration samples (batches for ``jbr-batch``),
 e.g. 1024 samples × 27.6k gated channels (ResNet-50: 26.6k BN channels + 1000 logits) ≈ 113 MB; plus the frozen
 softmax, samples × classes float32 (4 MB). During a pass, one batch's autograd graph on the model's device.
@@ -39,9 +42,10 @@ from torch import Tensor, nn
 
 from compress.adapters import adapter_for
 from compress.data import inputs_of, labels_of
+from compress.distributed import all_reduce_sum
 from compress.errors import CompressError
 from compress.macs import layer_macs
-from compress.nn_helpers import fingerprint, model_device  # fingerprint: also re-exported as criteria.jbr.fingerprint
+from compress.nn_helpers import fingerprint, model_device, on_model  # fingerprint: also re-exported as criteria.jbr.fingerprint
 
 from .calibrated import CalibratedImportance  # re-exported: criteria.jbr.CalibratedImportance
 
@@ -146,7 +150,7 @@ class GateImportance(CalibratedImportance):
             self.dense_targets, self._checksums = [], []
         try:
             for index, batch in enumerate(data):
-                x = inputs_of(batch).to(device)
+                x = on_model(inputs_of(batch), model)
                 if index == 0:
                     self.example_input = x[:1].detach()
                     if graph is None:
@@ -217,10 +221,13 @@ class GateImportance(CalibratedImportance):
 
     @torch.no_grad()
     def score(self, group: Any) -> Tensor | None:
+        """Σ_rows (Σ_coupled ∂s/∂γ)², divided by the number of samples when ``per_sample``; under torch.distributed
+        the sums and counts of all ranks (each on its shard), so every rank gets the union's scores."""
         d = self.group_derivatives(group)
         if d is None:
             return None
-        return ((d ** 2).mean(0) if self.per_sample else (d ** 2).sum(0)).float()
+        sums = all_reduce_sum(torch.cat([(d ** 2).sum(0), torch.tensor([float(len(d))], dtype=d.dtype)]))
+        return (sums[:-1] / sums[-1] if self.per_sample else sums[:-1]).float()
 
 
 class JBRImportance(GateImportance):
@@ -292,7 +299,8 @@ class JBRBatchImportance(GateImportance):
 
     def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
         super()._calibrate(model, data, graph)
-        if not any(bool((t.max(1).values > self.confidence).any()) for t in self.dense_targets):
+        confident = sum(int((t.max(1).values > self.confidence).sum()) for t in self.dense_targets)
+        if not all_reduce_sum(torch.tensor([confident])).item():
             raise CompressError(f"no calibration sample has dense confidence > {self.confidence}, so jbr-batch has "
                                 "nothing to score", "lower its confidence option or use 'jbr'")
 

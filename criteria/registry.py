@@ -22,8 +22,9 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from compress.data import inputs_of
+from compress.distributed import all_reduce_sum, all_reduce_sums
 from compress.errors import CompressError
-from compress.nn_helpers import model_device
+from compress.nn_helpers import on_model
 
 from .calibrated import CalibratedImportance
 from .jbr import JacobianImportance, JBRBatchImportance, JBRImportance, JBRPerMACImportance
@@ -64,16 +65,16 @@ class TaylorImportance(_GradientStatistic, tp.importance.GroupTaylorImportance):
     def _statistics(self, model: nn.Module, data: Iterable[Any]) -> dict[str, Tensor]:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         sums = {n: torch.zeros_like(p) for n, p in params.items()}
-        device, count = model_device(model), 0
+        count = 0
         for batch in data:
-            loss = _own_prediction_loss(model(inputs_of(batch).to(device)))
+            loss = _own_prediction_loss(model(on_model(inputs_of(batch), model)))
             for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
                 if g is not None:
                     sums[n] += g
             count += 1
         if count == 0:
             raise CompressError("the taylor criterion got no calibration batches", "pass a non-empty calibration set")
-        return sums
+        return all_reduce_sums(sums)  # under torch.distributed: Σ over every rank's batches
 
 
 class HessianImportance(_GradientStatistic, tp.importance.GroupHessianImportance):
@@ -94,15 +95,17 @@ class HessianImportance(_GradientStatistic, tp.importance.GroupHessianImportance
     def _statistics(self, model: nn.Module, data: Iterable[Any]) -> dict[str, Tensor]:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         squares = {n: torch.zeros_like(p) for n, p in params.items()}
-        device, count = model_device(model), 0
+        count = 0
         for batch in data:
-            x = inputs_of(batch).to(device)
+            x = on_model(inputs_of(batch), model)
             for n, sq in self._squared_gradients(model, params, x).items():
                 squares[n] += sq
             count += len(x)
         if count == 0:
             raise CompressError("the hessian criterion got no calibration batches", "pass a non-empty calibration set")
         self._accu_grad, self._counter = {}, {}  # nothing for torch-pruning's own accumulation to write over p.grad
+        squares = all_reduce_sums(squares)  # under torch.distributed: every rank's samples
+        count = int(all_reduce_sum(torch.tensor([count])).item())
         return {n: s / count for n, s in squares.items()}
 
     def _squared_gradients(self, model: nn.Module, params: dict[str, nn.Parameter], x: Tensor) -> dict[str, Tensor]:

@@ -4,6 +4,10 @@ TPV(w*) = E_{x,δw} ||f(w*+δw, x) − f(w*, x)||² ≈ Tr(H_eff·C), with H_eff
 of the K logits w.r.t. the parameters and C = Cov(δw). For independent noise C is diagonal, so only diag(H_eff)
 is needed; it is estimated here by Hutchinson's method, checked against an exact jacrev reference, and the TPV
 itself is measured by Monte Carlo for a concrete perturbation (noise, real quantization, channel removal).
+
+Under torch.distributed every estimate sums its running statistics over the ranks (each on its shard of the
+data): ``linearized_tpv`` and ``exact_diag`` then equal one process on the union; Hutchinson draws its probes per
+rank, so it is an estimate of the same quantity with the same spread, identical on every rank.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from compress.data import iter_inputs
+from compress.distributed import all_reduce_sum, all_reduce_sums, is_distributed
 from compress.errors import CompressError
 from compress.nn_helpers import eval_mode, weight_layers  # re-exported: criteria.tpv.eval_mode, .weight_layers
 from compress.quiet import quiet_third_party
@@ -90,6 +95,15 @@ class RatioMean:
         self.n += len(z)
         self.m += float(m.sum())
         self.mm += float((m * m).sum())
+
+    def reduce_across_ranks(self) -> None:
+        """Replace the running sums by their sums over the torch.distributed ranks (no-op in a single process)."""
+        if not is_distributed():
+            return
+        counts = all_reduce_sum(torch.tensor([self.n, self.m, self.mm], dtype=torch.float64))
+        self.n, self.m, self.mm = int(counts[0]), float(counts[1]), float(counts[2])
+        sums = all_reduce_sums({"z": self.z, "zz": self.zz, "mz": self.mz})
+        self.z, self.zz, self.mz = sums["z"], sums["zz"], sums["mz"]
 
     def result(self) -> Estimate:
         mean = self.z / self.m
@@ -207,8 +221,11 @@ def hutchinson_diag(model: nn.Module, data: Iterable[Any], *, params: Sequence[s
                 stats["tensor"][n].add(zn.reshape(len(zn), -1).sum(1), m)
             total.add(sum(zn.reshape(len(zn), -1).sum(1) for zn in z.values()), m)
             seen += int(m.sum())
+    seen = int(all_reduce_sum(torch.tensor([seen])).item())
     if seen == 0:
         raise CompressError("no input samples for the Hutchinson estimate", "pass a non-empty data iterable")
+    for estimate in [total] + [s for d in stats.values() for s in d.values()]:
+        estimate.reduce_across_ranks()
     results = {level: {n: s.result() for n, s in d.items()} for level, d in stats.items()}
     return DiagHeff(results["param"], results["channel"], results["tensor"], total.result(), seen, probes,
                     total.n, estimator)
@@ -230,6 +247,7 @@ def exact_diag(model: nn.Module, data: Iterable[Any], *, params: Sequence[str] |
             for n, j in jac.items():
                 acc[n] += (j.double() ** 2).sum((0, 1))
             seen += len(x)
+    acc, seen = all_reduce_sums(acc), int(all_reduce_sum(torch.tensor([seen])).item())
     return {n: a / seen for n, a in acc.items()}
 
 
@@ -265,7 +283,7 @@ def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, M
     unknown = [n for n in deltas if n not in params]
     if unknown:
         raise CompressError(f"no parameters named {unknown[:3]}", "use names from model.named_parameters()")
-    total = sum(len(x) for x in inputs)
+    total = int(all_reduce_sum(torch.tensor([sum(len(x) for x in inputs)])).item())  # every rank's samples
     out: dict[str, dict[Any, float]] = {}
     # the first jvp loads torch decompositions via torch.jit.script (quiet); attention kernels without forward AD off
     with eval_mode(model), quiet_third_party(), _attention_with_forward_ad():
@@ -288,7 +306,7 @@ def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, M
                 except (RuntimeError, NotImplementedError) as err:  # a model vmap cannot batch: one JVP per candidate
                     warnings.warn(f"vmap failed ({str(err).splitlines()[0]}); using one JVP per candidate")
                     sums += torch.stack([jvp_sq(x, t) for t in tangents])
-            out[name] = {k: float(v) / total for k, v in zip(keys, sums)}
+            out[name] = {k: float(v) / total for k, v in zip(keys, all_reduce_sum(sums))}
     return out
 
 

@@ -2,6 +2,9 @@
 
 Runs a recipe end to end and ends with PASS (exit 0) or FAIL (exit 1) against its thresholds; user errors print
 one line and exit 2 before any work; ``--list`` prints the shipped recipes.
+
+``torchrun --nproc_per_node=N -m compress.recipe NAME ...`` runs it data-parallel (gloo on the CPU, NCCL with
+``--device cuda``): rank 0 prints and writes the outputs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..distributed import init_from_env, is_main
 from ..errors import CompressError
 from .config import list_recipes, load_recipe
 from .runner import run_recipe
@@ -59,16 +63,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CompressError("no recipe given", "pass a recipe name (python -m compress.recipe --list) or a .toml path")
         recipe = load_recipe(args.name, args.overrides, _values(args))
         out = args.out or Path("runs") / recipe.name
-        run = run_recipe(recipe, out, overwrite=args.overwrite, progress=not args.no_progress)
+        init_from_env(recipe.device)
+        quiet = not is_main()
+        run = run_recipe(recipe, out, overwrite=args.overwrite, progress=not (args.no_progress or quiet),
+                         log=(lambda _line: None) if quiet else print)
     except CompressError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted: nothing was written to the output folder", file=sys.stderr)
         return 130
-    print(f"{'PASS' if run.passed else 'FAIL'}: {recipe.name} -> {run.out}/report.md")
-    for failure in run.failures:
-        print(f"  - {failure}")
+    if not quiet:
+        print(f"{'PASS' if run.passed else 'FAIL'}: {recipe.name} -> {run.out}/report.md")
+        for failure in run.failures:
+            print(f"  - {failure}")
     return 0 if run.passed else 1
 
 

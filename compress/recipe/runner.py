@@ -24,6 +24,7 @@ import torch
 
 from ..backends.candidates import FLOAT8
 from ..data import fashion_mnist_dir
+from ..distributed import barrier, is_main
 from ..errors import CompressError
 from . import report as report_writer
 from .config import Recipe
@@ -115,17 +116,23 @@ def run_recipe(recipe: Recipe, out: str | os.PathLike, *, overwrite: bool = Fals
                log: Callable[[str], None] = print, stages: Sequence[Stage] | None = None) -> RecipeRun:
     """Run every stage of ``recipe`` and write its outputs to ``out`` (see the module docstring).
 
-    ``stages``: the stages to run, in order (default: the registered :data:`compress.recipe.stages.STAGES`)."""
+    ``stages``: the stages to run, in order (default: the registered :data:`compress.recipe.stages.STAGES`).
+    Under torch.distributed every rank runs every stage (the statistics are reduced across ranks, so all make the
+    same decisions); rank 0 alone writes ``out``, the others work in a private temporary folder, and no rank
+    returns before ``out`` is complete."""
     out = Path(out)
     preflight(recipe, out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    writer = is_main()
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if writer else None))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(work, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder the permissions mkdir would
     try:
         context, report = _run(recipe, work, progress, log, STAGES if stages is None else stages)
-        _finalize(work, out, overwrite)
+        if writer:
+            _finalize(work, out, overwrite)
+        barrier()
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)

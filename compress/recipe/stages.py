@@ -130,8 +130,8 @@ def _subset(dataset: Dataset, n: int | None, seed: int) -> Dataset:
     return Subset(dataset, torch.randperm(len(dataset), generator=g)[:n].sort().values.tolist())
 
 
-def _loader(dataset: Dataset, batch_size: int, recipe: Recipe, shuffle: bool = False) -> Any:
-    return loader(dataset, batch_size, shuffle=shuffle, seed=recipe.seed, workers=recipe.data.workers)
+def _loader(dataset: Dataset, batch_size: int, recipe: Recipe, shuffle: bool = False, shard: bool = False) -> Any:
+    return loader(dataset, batch_size, shuffle=shuffle, seed=recipe.seed, workers=recipe.data.workers, shard=shard)
 
 
 def imagenet_dir(recipe: Recipe) -> Path:
@@ -337,7 +337,7 @@ class RecoverStage(Stage):
             recalibrate_bn(model, calibration(data.calibration_set, d.recalibration_samples, d.batch_size, recipe.seed + 1),
                            progress=context.progress)
         if r.distill_steps:
-            batches = _loader(data.distill_set, r.distill_batch_size, recipe, shuffle=True)
+            batches = _loader(data.distill_set, r.distill_batch_size, recipe, shuffle=True, shard=True)
             distill(model, dense, batches, steps=r.distill_steps, lr=r.distill_lr, temperature=r.temperature,
                     seed=recipe.seed, progress=context.progress)
         metrics = _measure(model, dense, data.evaluation, data.labelled, context.progress, pruned.result.macs_after,
