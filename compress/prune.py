@@ -218,16 +218,16 @@ def grouped_convs(model: nn.Module) -> list[nn.Module]:
 
 def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, float, list]:
     """Prune ``net`` in place by one pruner step at ``channel_ratio``; (net, metric fraction, history entries)."""
+    ignored = _modules_named(net, run.ignored) + grouped_convs(net)
     with run.adapter.tracing(net), quiet_third_party():
         pruner = tp.pruner.BasePruner(net, run.example, importance=CappedImportance(run.importance, run.max_layer_ratio),
                                       global_pruning=run.global_pruning,
                                       pruning_ratio=channel_ratio, max_pruning_ratio=run.max_layer_ratio,
-                                      iterative_steps=1,
-                                      ignored_layers=_modules_named(net, run.ignored) + grouped_convs(net),
+                                      iterative_steps=1, ignored_layers=ignored,
                                       round_to=run.round_to or run.adapter.round_to(net),
                                       unwrapped_parameters=run.adapter.unwrapped_parameters(net))
     pruner.DG = run.adapter.pruning_graph(net, split_outputs_in_order(pruner.DG))
-    criteria.prepare(run.importance, net, run.calib)
+    criteria.prepare(run.importance, net, run.calib, pruner.DG, ignored)
     with quiet_third_party():
         pruner.step()
     run.adapter.sync_after_pruning(net)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .adapters.spec import ModelSpec
 from .checkpoint import load, save
 from .data import FASHION_MNIST_FILES, FashionMNIST, fashion_mnist_dir, loader
+from .distributed import barrier, is_distributed, is_main
 from .errors import CompressError
 from .evaluate import accuracy
 from .rebuild import build
@@ -93,18 +94,28 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, progress: bool =
 
 
 def reference_model(spec: ModelSpec, config: TrainConfig = TrainConfig(), progress: bool = True) -> nn.Module:
-    """The model of ``spec`` trained on Fashion-MNIST with ``config``; trained once, then loaded from the cache."""
+    """The model of ``spec`` trained on Fashion-MNIST with ``config``; trained once, then loaded from the cache.
+    Under torch.distributed rank 0 trains and caches it while the others wait, then load it."""
     if spec.input_shape[1:] != (28, 28) and spec.input_shape[0] not in (1, 3):
         raise CompressError(f"{spec.arch} with input {spec.input_shape} cannot train on Fashion-MNIST",
                             "use small_resnet, or an input shape (1|3, H, W)")
     spec = replace(spec, weights=f"train:fashion-mnist:{cache_key(spec, config)}")
     path = cache_dir() / f"{spec.arch}-{cache_key(spec, config)}.pt"
+    if is_distributed() and not path.is_file():
+        model = _train_and_cache(spec, config, path, progress) if is_main() else None
+        barrier()
+        return model if model is not None else load(path)
     if path.is_file():
         try:
             return load(path)
         except CompressError as err:  # a damaged cache entry is rebuilt, and we say so
             print(f"warning: cached model {path} unusable ({err}); retraining")
             path.unlink()
+    return _train_and_cache(spec, config, path, progress)
+
+
+def _train_and_cache(spec: ModelSpec, config: TrainConfig, path: Path, progress: bool) -> nn.Module:
+    """Train the model of ``spec`` and save it at ``path`` with its training time and test top-1."""
     torch.manual_seed(config.seed)
     model = build(spec)
     channels, size = spec.input_shape[0], spec.input_shape[-1]

@@ -26,13 +26,16 @@ checksum per batch), since m(x) is stored per sample.
 torch.distributed: each rank scores its shard of the calibration data; the per-group sums of squares and sample
 counts are summed across ranks (one all-reduce per scored group), so the scores are the union's.
 
-Memory: one float32 per (row, gated channel) on the CPU, rows = calibration samples (batches for ``jbr-batch``),
-e.g. 1024 samples × 27.6k gated channels (ResNet-50: 26.6k BN channels + 1000 logits) ≈ 113 MB; plus the frozen
-softmax, samples × classes float32 (4 MB). During a pass, one batch's autograd graph on the model's device.
+Memory: the groups of the model are taken from its dependency graph before the pass, and each batch's
+derivatives are added into one float64 per root channel (Σ_rows (Σ_coupled ∂s/∂γ)²), so memory does not grow
+with the calibration set (ResNet-50: ~27k channels, 0.2 MB); plus the frozen softmax, samples × classes float32
+(4 MB for 1024 ImageNet samples), and during a pass one batch's autograd graph on the model's device.
+``keep_rows=True`` also keeps one float32 per (row, gated channel) on the CPU (1024 samples × 27.6k ≈ 113 MB).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
 import torch
@@ -45,7 +48,8 @@ from compress.data import inputs_of, labels_of
 from compress.distributed import all_reduce_sum
 from compress.errors import CompressError
 from compress.macs import layer_macs
-from compress.nn_helpers import fingerprint, model_device, on_model  # fingerprint: also re-exported as criteria.jbr.fingerprint
+from compress.nn_helpers import fingerprint, model_device, on_model
+from compress.quiet import quiet_third_party  # fingerprint: also re-exported as criteria.jbr.fingerprint
 
 from .calibrated import CalibratedImportance  # re-exported: criteria.jbr.CalibratedImportance
 
@@ -81,30 +85,59 @@ def _gate_shape(module: nn.Module, out: Tensor) -> tuple[int, ...]:
     return tuple(out.shape[:2]) + (1,) * (out.dim() - 2)
 
 
+GroupKey = tuple[str, str, int]  # (root layer name, torch-pruning handler name, root channels)
+
+
+def group_key(group: Any, names: dict[nn.Module, str]) -> GroupKey:
+    """What identifies a channel group across dependency graphs of one model: its root layer, how it is pruned
+    there, and its number of root channels."""
+    root = group[0].dep
+    return names.get(root.target.module, ""), getattr(root.handler, "__name__", ""), len(group[0].idxs)
+
+
+@dataclass
+class _GroupPlan:
+    """Where a group's coupled derivatives are in a batch row: column ``columns[i]`` adds into root ``roots[i]``."""
+
+    columns: Tensor
+    roots: Tensor
+    width: int
+
+
 class GateImportance(CalibratedImportance):
     """Scores from per-row gate derivatives ∂s/∂γ_c (γ = 1) of a per-sample objective s, summed over the coupled
     gated layers of a group, squared, then averaged over samples (``per_sample``) or summed over batches.
 
+    When the groups to score are known before the pass (``scored_groups_ignoring`` set to the pruner's ignored
+    layers, as :func:`compress.prune` does through ``criteria.prepare(..., ignored_layers=...)``), the pass
+    accumulates Σ_rows (Σ_coupled ∂s/∂γ)² per group batch by batch: memory is one float64 per root channel,
+    whatever the number of calibration samples. Otherwise (any torch-pruning pruner, whose ignored layers the
+    criterion cannot see: enumerating every group of a transformer's graph can take more memory than the rows),
+    or with ``keep_rows=True``, it keeps every row (``derivatives``, (rows, gated channels) float32 CPU;
+    ``columns[name]`` a module's columns) and sums a group's rows when the group is scored.
     ``autocast``: on CUDA, run the pass under bf16 autocast with float32 gates (so the per-channel reductions of
     the derivatives are float32); otherwise the gates take each output's dtype.
-    After a pass: ``derivatives`` (rows, gated channels) float32 CPU, ``columns[name]`` a module's columns.
     """
 
     per_sample = True  # rows are samples; False: rows are batches (gate gradients summed over the batch)
     uses_dense_targets = True  # freeze the dense model's softmax per calibration sample
 
-    def __init__(self, data: Iterable[Any] | None = None, *, autocast: bool = True) -> None:
+    def __init__(self, data: Iterable[Any] | None = None, *, autocast: bool = True, keep_rows: bool = False) -> None:
         super().__init__(data)
         self.autocast = autocast
+        self.keep_rows = keep_rows
+        self.scored_groups_ignoring: list[nn.Module] | None = None  # the pruner's ignored layers, when known
         self.derivatives: Tensor | None = None
         self.columns: dict[str, slice] = {}
+        self.sums: dict[GroupKey, Tensor] = {}  # Σ_rows (Σ_coupled ∂s/∂γ)² per group, float64
+        self.rows_seen = 0  # samples (or batches) behind ``sums``
         self.dense_targets: list[Tensor] | None = None  # frozen softmax per calibration batch (CPU float32)
         self._checksums: list[float] = []
         self.example_input: Tensor | None = None
 
     def reset(self) -> None:
         """Forget the frozen dense targets and the cache (to score a different dense model)."""
-        self.derivatives, self.columns, self.dense_targets, self._checksums = None, {}, None, []
+        self.derivatives, self.columns, self.sums, self.dense_targets, self._checksums = None, {}, {}, None, []
         self.invalidate()
 
     def objective(self, logits: Tensor, targets: Tensor | None, labels: Tensor | None) -> Tensor:
@@ -127,6 +160,54 @@ class GateImportance(CalibratedImportance):
         return self.dense_targets[index].to(logits.device)
 
     def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
+        """One pass: the groups of ``graph`` (the model's pruning graph when None), then every batch's rows
+        accumulated into their groups' sums."""
+        plans: dict[GroupKey, _GroupPlan] = {}
+        ignored = self.scored_groups_ignoring
+
+        def plan_groups(graph: tp.DependencyGraph) -> None:
+            if ignored is None:
+                return  # rows are kept instead
+            with quiet_third_party():
+                groups = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=LAYERS))
+            plans.update(self._plans(groups, graph._module2name))
+
+        self.sums, self.rows_seen = {}, 0
+        self._pass(model, data, graph, plan_groups, plans, keep_rows=self.keep_rows or ignored is None)
+
+    def _plans(self, groups: Iterable[Any], names: dict[nn.Module, str]) -> dict[GroupKey, _GroupPlan]:
+        """Each group's columns in a batch row and the root channels they add into (groups without gated layers
+        have none)."""
+        plans = {}
+        for group in groups:
+            columns, roots, seen = [], [], set()
+            for item in group:
+                dep, idxs = item.dep, item.idxs
+                name = names.get(dep.target.module)
+                if not is_out_channel_pruning(dep) or name not in self.columns or (name, tuple(idxs)) in seen:
+                    continue
+                seen.add((name, tuple(idxs)))
+                for root, local in zip(item.root_idxs, idxs):
+                    if root is not None:
+                        columns.append(self.columns[name].start + int(local))
+                        roots.append(int(root))
+            if columns:
+                plans[group_key(group, names)] = _GroupPlan(torch.tensor(columns), torch.tensor(roots), len(group[0].idxs))
+        return plans
+
+    def _accumulate(self, row: Tensor, plans: dict[GroupKey, _GroupPlan]) -> None:
+        """Add one batch's rows (B, gated channels) to every planned group's Σ (Σ_coupled ∂s/∂γ)²."""
+        values = row.double()
+        for key, plan in plans.items():
+            total = torch.zeros(len(values), plan.width, dtype=torch.float64).index_add_(1, plan.roots,
+                                                                                         values[:, plan.columns])
+            squares = (total ** 2).sum(0)  # rows: samples, or batch sums when not per_sample
+            self.sums[key] = self.sums[key] + squares if key in self.sums else squares
+
+    def _pass(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None,
+              plan_groups: Any, plans: dict[GroupKey, _GroupPlan], keep_rows: bool) -> None:
+        """Run the gated model over ``data``; after the first batch (when the gated widths are known) call
+        ``plan_groups(graph)``, then accumulate every batch into ``plans`` (and keep the rows if ``keep_rows``)."""
         device = model_device(model)
         use_autocast = self.autocast and device.type == "cuda"
         gates: dict[str, list[Tensor]] = {}
@@ -145,6 +226,7 @@ class GateImportance(CalibratedImportance):
         batch_rows = [0]  # the samples of the batch being run
         widths: dict[str, int] = {}
         rows: list[Tensor] = []
+        batches = 0
         freeze = self.uses_dense_targets and self.dense_targets is None
         if freeze:
             self.dense_targets, self._checksums = [], []
@@ -154,7 +236,8 @@ class GateImportance(CalibratedImportance):
                 if index == 0:
                     self.example_input = x[:1].detach()
                     if graph is None:
-                        graph = adapter_for(model).dependency_graph(model, self.example_input)
+                        adapter = adapter_for(model)
+                        graph = adapter.pruning_graph(model, adapter.dependency_graph(model, self.example_input))
                     handles = [m.register_forward_hook(hook(n)) for n, m in gate_points(model, graph).items()]
                 gates.clear()
                 batch_rows[0] = len(x)
@@ -172,10 +255,18 @@ class GateImportance(CalibratedImportance):
                     per_name[n] = total.reshape(len(x), -1)
                 if index == 0:
                     widths = {n: d.shape[1] for n, d in per_name.items()}
+                    starts = torch.tensor([0] + list(widths.values())).cumsum(0).tolist()
+                    self.columns = {n: slice(a, b) for n, a, b in zip(widths, starts[:-1], starts[1:])}
+                    plan_groups(graph)
                 row = torch.cat([per_name[n] if n in per_name else torch.zeros(len(x), w, device=device)
                                  for n, w in widths.items()], 1)
-                rows.append((row if self.per_sample else row.sum(0, keepdim=True)).to("cpu", torch.float32))
-            if not rows:
+                row = (row if self.per_sample else row.sum(0, keepdim=True)).to("cpu", torch.float32)
+                self._accumulate(row, plans)
+                self.rows_seen += len(row)
+                batches += 1
+                if keep_rows:
+                    rows.append(row)
+            if batches == 0:
                 raise CompressError(f"{type(self).__name__} got no calibration batches",
                                     "pass a non-empty calibration set")
         except BaseException:
@@ -185,12 +276,10 @@ class GateImportance(CalibratedImportance):
         finally:
             for h in handles:
                 h.remove()
-        if self.dense_targets is not None and len(rows) != len(self.dense_targets):
+        if self.dense_targets is not None and len(self.dense_targets) != batches:
             raise CompressError("the calibration data has fewer batches than when the dense predictions were frozen",
                                 "pass the same calibration data at every pruning step")
-        self.derivatives = torch.cat(rows)
-        starts = torch.tensor([0] + list(widths.values())).cumsum(0).tolist()
-        self.columns = {n: slice(a, b) for n, a, b in zip(widths, starts[:-1], starts[1:])}
+        self.derivatives = torch.cat(rows) if keep_rows else None
 
     def _module_names(self, group: Any) -> dict[nn.Module, str]:
         graph = getattr(group, "_DG", None)
@@ -201,33 +290,49 @@ class GateImportance(CalibratedImportance):
 
     def group_derivatives(self, group: Any) -> Tensor | None:
         """(rows, root channels) float64: Σ over the group's gated out-channel layers of ∂s/∂γ, mapped to root idxs;
-        None when no layer of the group is gated."""
+        None when no layer of the group is gated. Needs ``keep_rows=True``."""
+        if self.derivatives is None:
+            raise CompressError(f"{type(self).__name__} keeps no per-sample rows", "construct it with keep_rows=True")
+        plan = self._plans([group], self._module_names(group)).get(group_key(group, self._module_names(group)))
+        if plan is None:
+            return None
+        return torch.zeros(len(self.derivatives), plan.width, dtype=torch.float64).index_add_(
+            1, plan.roots, self.derivatives[:, plan.columns].double())
+
+    def _group_sums(self, group: Any) -> Tensor | None:
+        """Σ_rows (Σ_coupled ∂s/∂γ)² of ``group``: planned before the pass, else from the kept rows, else (a group
+        with another root than planned) from one more pass of its own."""
         names = self._module_names(group)
-        total, seen = None, set()
-        for item in group:
-            dep, idxs = item.dep, item.idxs
-            name = names.get(dep.target.module)
-            if not is_out_channel_pruning(dep) or name not in self.columns or (name, tuple(idxs)) in seen:
-                continue
-            seen.add((name, tuple(idxs)))
-            pairs = [(r, i) for r, i in zip(item.root_idxs, idxs) if r is not None]
-            if not pairs:
-                continue
-            roots, local = zip(*pairs)
-            if total is None:
-                total = torch.zeros(self.derivatives.shape[0], len(group[0].idxs), dtype=torch.float64)
-            total[:, list(roots)] += self.derivatives[:, self.columns[name].start + torch.tensor(local)].double()
-        return total
+        key = group_key(group, names)
+        if key in self.sums:
+            return self.sums[key]
+        if self.derivatives is not None:
+            d = self.group_derivatives(group)
+            return None if d is None else (d ** 2).sum(0)
+        plans = self._plans([group], names)
+        if not plans:
+            return None
+        model = self._model()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():
+                seen = self.rows_seen
+                self._pass(model, self.data, None, lambda _graph: None, plans, keep_rows=False)
+                self.rows_seen = seen
+        finally:
+            model.train(was_training)
+        return self.sums.get(key)
 
     @torch.no_grad()
     def score(self, group: Any) -> Tensor | None:
         """Σ_rows (Σ_coupled ∂s/∂γ)², divided by the number of samples when ``per_sample``; under torch.distributed
         the sums and counts of all ranks (each on its shard), so every rank gets the union's scores."""
-        d = self.group_derivatives(group)
-        if d is None:
+        sums = self._group_sums(group)
+        if sums is None:
             return None
-        sums = all_reduce_sum(torch.cat([(d ** 2).sum(0), torch.tensor([float(len(d))], dtype=d.dtype)]))
-        return (sums[:-1] / sums[-1] if self.per_sample else sums[:-1]).float()
+        total = all_reduce_sum(torch.cat([sums, torch.tensor([float(self.rows_seen)], dtype=torch.float64)]))
+        return (total[:-1] / total[-1] if self.per_sample else total[:-1]).float()
 
 
 class JBRImportance(GateImportance):
@@ -236,10 +341,11 @@ class JBRImportance(GateImportance):
     ``target="predicted"``: m(x) the one-hot predicted class of the dense model; ``"softmax"``: its probabilities.
     """
 
-    def __init__(self, data: Iterable[Any] | None = None, *, target: Target = "predicted", autocast: bool = True) -> None:
+    def __init__(self, data: Iterable[Any] | None = None, *, target: Target = "predicted", autocast: bool = True,
+                 keep_rows: bool = False) -> None:
         if target not in ("predicted", "softmax"):
             raise CompressError(f"unknown JBR target {target!r}", "use target='predicted' or target='softmax'")
-        super().__init__(data, autocast=autocast)
+        super().__init__(data, autocast=autocast, keep_rows=keep_rows)
         self.target = target
 
     def objective(self, logits: Tensor, targets: Tensor | None, labels: Tensor | None) -> Tensor:
@@ -288,8 +394,9 @@ class JBRBatchImportance(GateImportance):
 
     per_sample = False
 
-    def __init__(self, data: Iterable[Any] | None = None, *, confidence: float = 0.9, autocast: bool = True) -> None:
-        super().__init__(data, autocast=autocast)
+    def __init__(self, data: Iterable[Any] | None = None, *, confidence: float = 0.9, autocast: bool = True,
+                 keep_rows: bool = False) -> None:
+        super().__init__(data, autocast=autocast, keep_rows=keep_rows)
         self.confidence = confidence
 
     def objective(self, logits: Tensor, targets: Tensor | None, labels: Tensor | None) -> Tensor:

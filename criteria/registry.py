@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Set
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from compress.errors import CompressError
 from compress.nn_helpers import on_model
 
 from .calibrated import CalibratedImportance
-from .jbr import JacobianImportance, JBRBatchImportance, JBRImportance, JBRPerMACImportance
+from .jbr import GateImportance, JacobianImportance, JBRBatchImportance, JBRImportance, JBRPerMACImportance
 
 PER_SAMPLE_FLOATS = 1 << 26  # per-sample gradients held at once by the hessian pass (256 MB of float32)
 
@@ -255,11 +255,16 @@ def get(name: str, data: Iterable[Any] | None = None, **options: Any) -> tp.impo
     return importance
 
 
-def prepare(importance: tp.importance.Importance, model: nn.Module, data: Iterable[Any] | None = None) -> None:
+def prepare(importance: tp.importance.Importance, model: nn.Module, data: Iterable[Any] | None = None,
+            graph: tp.DependencyGraph | None = None, ignored_layers: Sequence[nn.Module] | None = None) -> None:
     """Run the calibration passes ``importance`` needs on ``model`` (a no-op for data-free criteria).
 
     Optional when ``data`` was given to :func:`get`: scoring a group then runs the passes itself whenever the
     model's structure changed. Passes are cached per structure, so calling this before every ``pruner.step()``
-    (or on structurally equal copies) costs nothing after the first time."""
+    (or on structurally equal copies) costs nothing after the first time. ``graph``: the dependency graph the
+    pruner will use (default: the model's own); ``ignored_layers``: the pruner's, so that the groups it will score
+    are known before the pass (JBR then keeps one sum per channel instead of one value per sample and channel)."""
+    if isinstance(importance, GateImportance) and ignored_layers is not None:
+        importance.scored_groups_ignoring = list(ignored_layers)
     if isinstance(importance, CalibratedImportance):
-        importance.prepare(model, data)
+        importance.prepare(model, data, graph)

@@ -14,7 +14,7 @@ import criteria
 from compress import CompressError
 from compress.data import synthetic
 from compress.small_resnet import SmallResNet
-from criteria.jbr import JBRImportance
+from criteria.jbr import JBRImportance, group_key
 from criteria.registry import HessianImportance, TaylorImportance
 
 X_SHAPE = (2, 6, 6)
@@ -101,8 +101,10 @@ def per_sample_objective(kind: str, net: nn.Module, batches: list) -> tuple[list
     return list(x[:, None]), objectives[kind]
 
 
-def make(kind: str, batches: list) -> criteria.registry.CalibratedImportance:
-    return criteria.get("jacobian", batches) if kind == "jacobian" else criteria.get("jbr", batches, target=kind)
+def make(kind: str, batches: list, keep_rows: bool = False) -> criteria.registry.CalibratedImportance:
+    if kind == "jacobian":
+        return criteria.get("jacobian", batches, keep_rows=keep_rows)
+    return criteria.get("jbr", batches, target=kind, keep_rows=keep_rows)
 
 
 def gated_names(net: nn.Module, group) -> set[str]:
@@ -114,7 +116,7 @@ def gated_names(net: nn.Module, group) -> set[str]:
 
 @pytest.mark.parametrize("kind", ["predicted", "softmax", "jacobian"])
 def test_gate_derivatives_equal_the_per_sample_loop(tiny, batches, kind):
-    imp = make(kind, batches)
+    imp = make(kind, batches, keep_rows=True)
     imp.prepare(tiny)
     assert set(imp.columns) == set(GATED)  # conv->BN pairs gate the BN, other convs / linears themselves
     expected = brute_force_rows(tiny, *per_sample_objective(kind, tiny, batches))
@@ -150,7 +152,7 @@ def scaled_objective(net: nn.Module, x: torch.Tensor, cls: torch.Tensor, names: 
 
 @pytest.mark.parametrize("coupling", [{"bn0", "abn2", "cbn2"}, {"d2", "down"}])
 def test_coupled_score_is_the_first_order_change_of_removing_the_whole_group(tiny, batches, coupling):
-    imp = criteria.get("jbr", batches)
+    imp = criteria.get("jbr", batches, keep_rows=True)
     x = torch.cat([b[0] for b in batches])
     with torch.no_grad():
         cls = tiny(x).argmax(1)
@@ -171,12 +173,32 @@ def test_coupled_score_is_the_first_order_change_of_removing_the_whole_group(tin
     torch.testing.assert_close(removed, scaled_objective(tiny, x, cls, coupling, c, 0.0), atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["jbr", "jbr-batch", "jacobian"])
+def test_scores_summed_per_group_equal_those_from_every_row_and_memory_stays_per_channel(tiny, batches, name):
+    """Told the pruner's ignored layers, the pass keeps one float64 per root channel, not one float per (sample,
+    channel); its scores equal those from the kept rows. A group from another graph (other roots) is scored by one
+    more pass of its own. Not told them (inside any torch-pruning pruner), it keeps the rows."""
+    options = {"confidence": 0.0} if name == "jbr-batch" else {}
+    summed, rows = criteria.get(name, batches, **options), criteria.get(name, batches, **options)
+    criteria.prepare(summed, tiny, ignored_layers=[tiny.head])
+    criteria.prepare(rows, tiny)
+    assert rows.derivatives is not None and not rows.sums
+    for group in groups_of(tiny):
+        torch.testing.assert_close(summed(group), rows(group), rtol=1e-6, atol=1e-12)
+    assert summed.derivatives is None
+    assert sum(s.numel() for s in summed.sums.values()) <= max(c.stop for c in summed.columns.values())
+    first_keys, graph = set(summed.sums), graph_of(tiny)
+    head_input = graph.get_pruning_group(tiny.head, tp.prune_linear_in_channels, idxs=list(range(tiny.head.in_features)))
+    assert summed(head_input) is not None and group_key(head_input, graph._module2name) not in first_keys
+    torch.testing.assert_close(summed(head_input), rows(head_input), rtol=1e-6, atol=1e-12)
+
+
 def test_jbr_batch_is_the_squared_batch_gradient_of_confident_cross_entropy(tiny, batches):
     xs = [b[0] for b in batches]
     with torch.no_grad():
         probs = [tiny(x).softmax(1) for x in xs]
     threshold = float(torch.cat(probs).max(1).values.median())
-    imp = criteria.get("jbr-batch", batches, confidence=threshold)
+    imp = criteria.get("jbr-batch", batches, confidence=threshold, keep_rows=True)
 
     def objective(out, i):
         conf, pseudo = probs[i].max(1)
@@ -221,13 +243,13 @@ def test_cache_is_reused_until_the_structure_changes_and_dense_targets_stay_froz
                                   pruning_ratio=0.3, ignored_layers=[tiny.head], global_pruning=True, iterative_steps=2)
     group = groups_of(tiny)[0]
     imp(group)
-    first, targets = imp.derivatives, imp.dense_targets
+    first, targets = imp.sums, imp.dense_targets
     imp(group), criteria.prepare(imp, copy.deepcopy(tiny))  # same structure, even a copy: no new pass
-    assert imp.derivatives is first
+    assert imp.sums is first
     pruner.step()  # no prepare needed: the pruner's groups lead to the model, whose structure changed
     imp(groups_of(tiny)[0])
-    assert imp.derivatives is not first and imp.dense_targets is targets
-    assert imp.derivatives.shape[1] == sum(dict(tiny.named_modules())[n].weight.shape[0] for n in GATED)
+    assert imp.sums is not first and imp.dense_targets is targets
+    assert max(c.stop for c in imp.columns.values()) == sum(dict(tiny.named_modules())[n].weight.shape[0] for n in GATED)
     with pytest.raises(CompressError, match="same calibration data"):
         imp.prepare(copy.deepcopy(tiny), list(reversed(batches)))
 
@@ -292,7 +314,7 @@ def test_jbr_needs_no_hook_inside_any_torch_pruning_pruner(tiny, batches, pruner
     widths = []
     for _ in range(2):
         net.step()
-        widths.append(imp.derivatives.shape[1])  # the pass of this step: before its pruning
+        widths.append(max(c.stop for c in imp.columns.values()))  # the pass of this step: before its pruning
         assert tiny(batches[0][0]).shape == (5, 3)
     assert widths[1] < widths[0] and sum(p.numel() for p in tiny.parameters()) < 0.9 * sum(
         p.numel() for p in TinyResNet().parameters())
