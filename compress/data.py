@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from .distributed import rank_and_world, shard
+from .distributed import rank_and_world, rank_share
 from .errors import CompressError
 from .images import check_unreadable, scan
 
@@ -255,7 +255,7 @@ class CalibrationData:
             raise CompressError(f"{n} calibration samples cannot be shared by {world} processes",
                                 f"use at least {world} samples, or fewer processes")
         g = torch.Generator().manual_seed(self.seed)
-        return shard(torch.randperm(len(self.source), generator=g)[:n].sort().values.tolist())
+        return rank_share(torch.randperm(len(self.source), generator=g)[:n].sort().values.tolist())
 
     def _select(self, batch: Any) -> Any:
         x, y = inputs_of(batch), labels_of(batch)

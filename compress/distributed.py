@@ -2,7 +2,7 @@
 
 Every function is a no-op in a single process (no initialised process group), so the library runs unchanged
 without torchrun. Under ``torchrun`` (or any initialised group: gloo on CPU, NCCL on GPUs) each rank reads its own
-shard of a dataset (:func:`shard`), every statistic a criterion or BN recalibration gathers is summed across ranks
+shard of a dataset (:func:`rank_share`), every statistic a criterion or BN recalibration gathers is summed across ranks
 (:func:`all_reduce_sum`), so scores, pruning decisions and bit plans equal those of one process on the union of the
 shards, and :func:`agree` checks cheaply that every rank holds the same thing (a checksum all-gather), failing
 with a one-line error naming what differs.
@@ -62,7 +62,7 @@ def is_main() -> bool:
     return rank_and_world()[0] == 0
 
 
-def shard(indices: Sequence[int]) -> list[int]:
+def rank_share(indices: Sequence[int]) -> list[int]:
     """This rank's share of ``indices`` (every world-size-th item from the rank's offset: deterministic, the
     shares of all ranks are disjoint and their union is ``indices``)."""
     rank, world = rank_and_world()

@@ -162,7 +162,7 @@ def _scores_tied(model: nn.Module, example_inputs: torch.Tensor, importance: Any
                  ignored: list[nn.Module], adapter: ModelAdapter) -> bool:
     """Whether ``importance`` scores every prunable channel of ``model`` equally (torch-pruning then removes none);
     the criterion is prepared on ``model`` first (the trials prepared it on their pruned copies)."""
-    criteria.prepare(importance, model, calib)
+    criteria.prepare(importance, model, calib, ignored_layers=ignored)
     graph = adapter.dependency_graph(model, example_inputs)
     scores = [importance(g) for g in graph.get_all_groups(ignored_layers=ignored,
                                                            root_module_types=(nn.Conv2d, nn.Linear))]

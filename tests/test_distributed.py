@@ -126,7 +126,7 @@ def test_each_rank_reads_a_disjoint_shard_of_the_same_subset(monkeypatch) -> Non
     shards = []
     for rank in range(3):
         monkeypatch.setattr(distributed, "rank_and_world", lambda rank=rank: (rank, 3))
-        shards.append(distributed.shard(subset))
+        shards.append(distributed.rank_share(subset))
     assert sorted(i for s in shards for i in s) == subset and shards[0] == [0, 3, 6, 9]
 
 

@@ -121,7 +121,7 @@ def test_set_overrides_validate_or_one_line_error(overrides, outs):
 def test_main_exits_0_or_2_with_one_line(overrides, outs):
     """``main`` with the pipeline replaced by preflight: exit 0, or exit 2 with a single ``error:`` line."""
 
-    def fake_run(recipe, out, overwrite=False, progress=True):
+    def fake_run(recipe, out, overwrite=False, progress=True, log=print):
         preflight(recipe, out, overwrite)
         return RecipeRun(recipe=recipe, out=out, passed=True, failures=[], report={})
 
