@@ -19,4 +19,4 @@ def test_a_bfloat16_model_takes_float32_batches() -> None:
         out = predict(half, x)
         assert out.dtype == torch.bfloat16 and predict(model, x).dtype == torch.float32
         c = compare(half, model, [(x, torch.zeros(16, dtype=torch.long))])
-    assert c.agreement >= 0.75 and 0 < c.mse < float(model(x).pow(2).sum(1).mean())
+        assert c.agreement >= 0.75 and 0 < c.mse < float(model(x).pow(2).sum(1).mean())
