@@ -28,8 +28,9 @@ counts are summed across ranks (one all-reduce per scored group), so the scores 
 
 Memory: the groups of the model are taken from its dependency graph before the pass, and each batch's
 derivatives are added into one float64 per root channel (Σ_rows (Σ_coupled ∂s/∂γ)²), so memory does not grow
-with the calibration set (ResNet-50: ~27k channels, 0.2 MB); plus the frozen softmax, samples × classes float32
-(4 MB for 1024 ImageNet samples), and during a pass one batch's autograd graph on the model's device.
+with the calibration set (ResNet-50: ~27k channels, 0.2 MB); plus the dense model's frozen class and confidence,
+12 bytes per sample (the whole softmax, 4 bytes per class and sample, only for ``target="softmax"``), and during a
+pass one batch's autograd graph on the model's device.
 ``keep_rows=True`` also keeps one float32 per (row, gated channel) on the CPU (1024 samples × 27.6k ≈ 113 MB).
 """
 
@@ -85,6 +86,28 @@ def _gate_shape(module: nn.Module, out: Tensor) -> tuple[int, ...]:
     return tuple(out.shape[:2]) + (1,) * (out.dim() - 2)
 
 
+@dataclass(frozen=True)
+class FrozenPredictions:
+    """What the dense model predicted for one calibration batch: class and confidence (max softmax) per sample,
+    and the whole softmax only for objectives that weigh every class (one float per class and sample)."""
+
+    classes: Tensor  # (B,) long
+    confidence: Tensor  # (B,) float32
+    probabilities: Tensor | None = None  # (B, classes) float32
+
+    def to(self, device: torch.device) -> "FrozenPredictions":
+        return FrozenPredictions(self.classes.to(device), self.confidence.to(device),
+                                 None if self.probabilities is None else self.probabilities.to(device))
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.classes, self.confidence, self.probabilities)
+                   if t is not None)
+
+
 GroupKey = tuple[str, str, int]  # (root layer name, torch-pruning handler name, root channels)
 
 
@@ -120,7 +143,8 @@ class GateImportance(CalibratedImportance):
     """
 
     per_sample = True  # rows are samples; False: rows are batches (gate gradients summed over the batch)
-    uses_dense_targets = True  # freeze the dense model's softmax per calibration sample
+    uses_dense_targets = True  # freeze the dense model's predictions per calibration sample
+    uses_probabilities = False  # ... including its whole softmax
 
     def __init__(self, data: Iterable[Any] | None = None, *, autocast: bool = True, keep_rows: bool = False) -> None:
         super().__init__(data)
@@ -131,7 +155,7 @@ class GateImportance(CalibratedImportance):
         self.columns: dict[str, slice] = {}
         self.sums: dict[GroupKey, Tensor] = {}  # Σ_rows (Σ_coupled ∂s/∂γ)² per group, float64
         self.rows_seen = 0  # samples (or batches) behind ``sums``
-        self.dense_targets: list[Tensor] | None = None  # frozen softmax per calibration batch (CPU float32)
+        self.dense_targets: list[FrozenPredictions] | None = None  # per calibration batch, on the CPU
         self._checksums: list[float] = []
         self.example_input: Tensor | None = None
 
@@ -140,17 +164,21 @@ class GateImportance(CalibratedImportance):
         self.derivatives, self.columns, self.sums, self.dense_targets, self._checksums = None, {}, {}, None, []
         self.invalidate()
 
-    def objective(self, logits: Tensor, targets: Tensor | None, labels: Tensor | None) -> Tensor:
+    def objective(self, logits: Tensor, targets: FrozenPredictions | None, labels: Tensor | None) -> Tensor:
         """s for a batch: per-sample values (B,), or one scalar for the batch when not ``per_sample``."""
         raise NotImplementedError
 
-    def _targets(self, index: int, x: Tensor, logits: Tensor, freeze: bool) -> Tensor | None:
-        """The dense model's softmax for batch ``index``: frozen at the first pass, checked against ``x`` later."""
+    def _targets(self, index: int, x: Tensor, logits: Tensor, freeze: bool) -> FrozenPredictions | None:
+        """The dense model's predictions for batch ``index``: frozen at the first pass, checked against ``x``
+        later."""
         if not self.uses_dense_targets:
             return None
         checksum = float(x.detach().double().sum())
         if freeze:
-            self.dense_targets.append(logits.detach().float().softmax(1).cpu())
+            probabilities = logits.detach().float().softmax(1).cpu()
+            confidence, classes = probabilities.max(1)
+            self.dense_targets.append(FrozenPredictions(classes, confidence,
+                                                        probabilities if self.uses_probabilities else None))
             self._checksums.append(checksum)
         elif (index >= len(self.dense_targets) or len(self.dense_targets[index]) != len(x)
               or abs(checksum - self._checksums[index]) > 1e-6 * (1.0 + abs(self._checksums[index]))):
@@ -348,10 +376,14 @@ class JBRImportance(GateImportance):
         super().__init__(data, autocast=autocast, keep_rows=keep_rows)
         self.target = target
 
-    def objective(self, logits: Tensor, targets: Tensor | None, labels: Tensor | None) -> Tensor:
+    @property
+    def uses_probabilities(self) -> bool:  # type: ignore[override]
+        return self.target == "softmax"
+
+    def objective(self, logits: Tensor, targets: FrozenPredictions | None, labels: Tensor | None) -> Tensor:
         if self.target == "predicted":
-            return logits.gather(1, targets.argmax(1, keepdim=True))[:, 0]
-        return (targets.to(logits.dtype) * logits).sum(1)
+            return logits.gather(1, targets.classes[:, None])[:, 0]
+        return (targets.probabilities.to(logits.dtype) * logits).sum(1)
 
 
 class JBRPerMACImportance(JBRImportance):
@@ -399,14 +431,14 @@ class JBRBatchImportance(GateImportance):
         super().__init__(data, autocast=autocast, keep_rows=keep_rows)
         self.confidence = confidence
 
-    def objective(self, logits: Tensor, targets: Tensor | None, labels: Tensor | None) -> Tensor:
-        confident, pseudo = targets.max(1)
+    def objective(self, logits: Tensor, targets: FrozenPredictions | None, labels: Tensor | None) -> Tensor:
+        confident, pseudo = targets.confidence, targets.classes
         keep = (confident > self.confidence).to(logits.dtype)
         return (F.cross_entropy(logits, pseudo, reduction="none") * keep).sum() / keep.sum().clamp(min=1)
 
     def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
         super()._calibrate(model, data, graph)
-        confident = sum(int((t.max(1).values > self.confidence).sum()) for t in self.dense_targets)
+        confident = sum(int((t.confidence > self.confidence).sum()) for t in self.dense_targets)
         if not all_reduce_sum(torch.tensor([confident])).item():
             raise CompressError(f"no calibration sample has dense confidence > {self.confidence}, so jbr-batch has "
                                 "nothing to score", "lower its confidence option or use 'jbr'")
@@ -417,7 +449,7 @@ class JacobianImportance(GateImportance):
 
     uses_dense_targets = False
 
-    def objective(self, logits: Tensor, targets: Tensor | None, labels: Tensor | None) -> Tensor:
+    def objective(self, logits: Tensor, targets: FrozenPredictions | None, labels: Tensor | None) -> Tensor:
         if labels is None:
             raise CompressError("the 'jacobian' criterion needs labelled calibration batches",
                                 "pass (input, label) batches, or use the label-free 'jbr'")

@@ -60,7 +60,7 @@ def memory_rows(model: torch.nn.Module, sizes: list[int], batch_size: int) -> li
         summed, kept = criteria.get("jbr", data), criteria.get("jbr", data, keep_rows=True)
         criteria.prepare(summed, model, ignored_layers=adapter.never_pruned(model)), criteria.prepare(kept, model)
         diff = max(float(((summed(g) - kept(g)).abs() / kept(g).abs().clamp_min(1e-30)).max()) for g in groups)
-        targets = sum(t.numel() * t.element_size() for t in summed.dense_targets)
+        targets = sum(t.nbytes for t in summed.dense_targets)
         rows.append({"samples": size, "summed_bytes": _state_bytes(summed), "rows_bytes": _state_bytes(kept),
                      "dense_targets_bytes": targets, "max_rel_diff": diff})
     return rows
