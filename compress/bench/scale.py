@@ -119,7 +119,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     base = speed[0]
     text = ["# Scale-out: JBR memory and data-parallel throughput", "",
             markdown_table(["calibration samples", "JBR state, summed (bytes)", "JBR state, kept rows (bytes)",
-                            "dense targets (bytes)", "max rel. score diff"],
+                            "dense predictions (bytes)", "max rel. score diff"],
                            [[r["samples"], r["summed_bytes"], r["rows_bytes"], r["dense_targets_bytes"],
                              f"{r['max_rel_diff']:.1e}"] for r in memory]), "",
             markdown_table(["world size", "threads per rank", "calibration images/s", "x", "distillation steps/s", "x"],
