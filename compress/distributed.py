@@ -69,7 +69,7 @@ def rank_share(indices: Sequence[int]) -> list[int]:
     return list(indices[rank::world])
 
 
-def _device_for_collectives(tensor: torch.Tensor) -> torch.device:
+def _collective_device() -> torch.device:
     """gloo reduces CPU tensors, NCCL CUDA ones."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -78,7 +78,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed over the ranks (a new tensor on the input's device; the input itself when single)."""
     if not is_distributed():
         return tensor
-    work = tensor.detach().to(_device_for_collectives(tensor), copy=True)
+    work = tensor.detach().to(_collective_device(), copy=True)
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work.to(tensor.device)
 
@@ -109,9 +109,9 @@ def agree(value: float, what: str, fix: str) -> None:
     """A one-line error on every rank when ranks hold different ``value`` (a checksum of ``what``)."""
     if not is_distributed():
         return
-    mine = torch.tensor([value], dtype=torch.float64)
+    mine = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine.to(_device_for_collectives(mine)) if dist.get_backend() == "nccl" else mine)
+    dist.all_gather(gathered, mine)
     values = [float(g.item()) for g in gathered]
     if any(abs(v - values[0]) > 1e-9 * (1.0 + abs(values[0])) for v in values):
         raise CompressError(f"the ranks differ in {what} ({', '.join(f'{v:.6g}' for v in values)})", fix)
