@@ -2,7 +2,8 @@
 
 * :func:`eval_mode`: a model in eval mode for a block, each submodule's own flag restored afterwards.
 * :func:`weight_layers`: the Conv2d/Linear layers whose weights the toolkit prunes, plans and quantizes.
-* :func:`output_shapes`: the output shape of each of some layers in one forward (absent: the layer never ran).
+* :func:`output_shapes`: the output shape of each of some layers in one forward (absent: the layer never ran);
+  :func:`per_sample_outputs`: whether each has one row per sample.
 * :func:`model_device`, :func:`on_model` (a batch on the model's device and dtype), :func:`fingerprint` (structure as caches see it), :func:`set_module` (replace by name).
 """
 
@@ -39,6 +40,14 @@ def output_shapes(model: nn.Module, inputs: Any, layers: Mapping[str, nn.Module]
         for hook in hooks:
             hook.remove()
     return shapes
+
+
+def per_sample_outputs(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn.Module]) -> dict[str, bool]:
+    """For each of ``layers`` the forward calls, whether its output has one row per sample (found on a batch of two
+    copies of ``example``'s first sample). Layers computing from buffers only (Swin V2's position-bias MLP on its
+    coordinate table) have none; layers never called are absent."""
+    shapes = output_shapes(model, torch.cat([example[:1]] * 2), layers)
+    return {name: len(shape) > 0 and shape[0] == 2 for name, shape in shapes.items()}
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ latency table).
 
 from __future__ import annotations
 
-import zlib
 from typing import Any, Iterable, Literal, Sequence
 
 import torch
@@ -179,7 +178,7 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
                            size(n, chosen[n]), dict(tpv[n]), notes.get(n, ""), float8=chosen[n] == FLOAT8,
                            excluded=dict(excluded[n]))
               for n in names}
-    agree(float(zlib.crc32(repr(sorted((n, chosen[n]) for n in names)).encode())), "the bit plan",
+    agree(sorted((n, chosen[n]) for n in names), "the bit plan",
           "give every rank the same model, data size, budget and settings")
     return BitPlan(result, allocator, budget, group_size, mapping, predictor,
                    latency_table if budget.kind == "latency" else None, target, capability)

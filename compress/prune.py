@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import time
-import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
@@ -340,7 +339,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
                                 f"max_layer_ratio={max_layer_ratio} or ignored)",
                                 "raise max_layer_ratio or ask for a less aggressive target")
         model, current, entries, ratio = best
-        agree(float(zlib.crc32(repr(entries).encode())), f"the channels pruned at step {k}",
+        agree(entries, f"the channels pruned at step {k}",
               "give every rank the same model, criterion, target and settings")
         if recalibrate and k < steps:
             recalibrate_bn(model, calib, progress=False)

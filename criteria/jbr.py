@@ -104,8 +104,7 @@ class FrozenPredictions:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.classes, self.confidence, self.probabilities)
-                   if t is not None)
+        return sum(t.nbytes for t in (self.classes, self.confidence, self.probabilities) if t is not None)
 
 
 GroupKey = tuple[str, str, int]  # (root layer name, torch-pruning handler name, root channels)

@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 from compress.data import iter_inputs
 from compress.distributed import all_reduce_sum, all_reduce_sums, is_distributed
 from compress.errors import CompressError
-from compress.nn_helpers import eval_mode, weight_layers  # re-exported: criteria.tpv.eval_mode, .weight_layers
+from compress.nn_helpers import eval_mode, on_model, weight_layers  # re-exported: criteria.tpv.eval_mode, .weight_layers
 from compress.quiet import quiet_third_party
 
 Estimator = Literal["single", "batched"]
@@ -47,7 +47,6 @@ def select_params(model: nn.Module, names: Sequence[str] | None = None) -> dict[
 
 def model_inputs(model: nn.Module, data: Iterable[Any], num_samples: int | None = None) -> Iterator[Tensor]:
     """Input batches of ``data`` on the model's device and (floating) dtype, at most ``num_samples`` in all."""
-    p = next(model.parameters())
     seen = 0
     for x in iter_inputs(data):
         if num_samples is not None:
@@ -55,7 +54,7 @@ def model_inputs(model: nn.Module, data: Iterable[Any], num_samples: int | None 
                 return
             x = x[: num_samples - seen]
         seen += len(x)
-        yield x.to(p.device, p.dtype if x.is_floating_point() else x.dtype)
+        yield on_model(x, model)
 
 
 def rademacher(shape: Sequence[int], generator: torch.Generator, like: Tensor) -> Tensor:

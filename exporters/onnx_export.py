@@ -28,7 +28,7 @@ from compress.atomic import refuse_existing
 from compress.backends.candidates import FLOAT as FLOAT_BITS
 from compress.errors import CompressError
 from compress.fold import fold_batchnorm
-from compress.nn_helpers import output_shapes
+from compress.nn_helpers import per_sample_outputs
 
 from .onnx_graph import (METADATA_PREFIX, MIN_OPSET, SINGLE_FILE_LIMIT_BYTES, example_tensor, export_graph,
                          metadata_props, save)
@@ -77,9 +77,8 @@ def layers_not_in_file(model: nn.Module, example: torch.Tensor, layers: Mapping[
     """The ``layers`` whose weights the exported graph cannot hold, with the reason: those an eval-mode forward never
     calls (GoogLeNet's and Inception's auxiliary heads) and those whose output has no batch dimension (found on
     two copies of ``example``), which the exporter constant-folds."""
-    shapes = output_shapes(model.eval(), torch.cat([example[:1]] * 2), layers)
-    absent = {name: NOT_RUN for name in layers if name not in shapes}
-    return absent | {name: FOLDED for name, shape in shapes.items() if len(shape) == 0 or shape[0] != 2}
+    per_sample = per_sample_outputs(model.eval(), example, layers)
+    return {name: NOT_RUN if name not in per_sample else FOLDED for name in layers if not per_sample.get(name)}
 
 
 def _write_weights(model: nn.Module, graph: ir.Model, example: torch.Tensor, target: Path, opset: int,

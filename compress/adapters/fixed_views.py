@@ -42,12 +42,10 @@ def is_fixed_channel_view(grad_fn: Any) -> bool:
         return False
     if name.startswith("SplitBackward"):  # equal pieces (torch.split with an int, torch.chunk)
         return True
-    if name.startswith("SliceBackward"):
-        width = int(grad_fn._saved_self_sym_sizes[dim])
-        start, end = int(grad_fn._saved_start or 0), grad_fn._saved_end
-        end = width if end is None or int(end) >= _INT64_MAX else int(end)
-        return start % width != 0 or (end % width if end < 0 else min(end, width)) != width
-    return False
+    width = int(grad_fn._saved_self_sym_sizes[dim])  # a slice: fixed unless it keeps every channel
+    start, end = int(grad_fn._saved_start or 0), grad_fn._saved_end
+    end = width if end is None or int(end) >= _INT64_MAX else int(end)
+    return start % width != 0 or (end % width if end < 0 else min(end, width)) != width
 
 
 def has_fixed_channel_views(model: nn.Module, example_inputs: Any) -> bool:

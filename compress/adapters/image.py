@@ -19,6 +19,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..data import inputs_of
+from ..nn_helpers import on_model
 from ..errors import CompressError
 from ..quiet import quiet_third_party
 from ..small_resnet import SmallResNet
@@ -183,9 +184,7 @@ class ImageClassifierAdapter(ModelAdapter):
                                 "pass data of that shape (e.g. a matching --image-size / channels) or a model built for it")
 
     def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        first = next(model.parameters())
-        x = inputs
-        return model(x.to(first.device, first.dtype if x.is_floating_point() else x.dtype))
+        return model(on_model(inputs, model))
 
     def never_pruned(self, model: nn.Module) -> list[nn.Module]:
         return [classifier_layer(model)] + shuffle_outputs(model)

@@ -15,7 +15,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..nn_helpers import output_shapes, weight_layers
+from ..nn_helpers import per_sample_outputs, weight_layers
 
 # node types that keep channel c at channel c: activations and other element-wise ops, BatchNorm, depthwise convs,
 # and views that keep the last dimension (a channels-last tensor flattened or split into windows; checked below)
@@ -112,5 +112,4 @@ def per_sample_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn
     ``example_inputs``). Others compute from buffers, e.g. Swin V2's position-bias MLP on its coordinate table:
     criteria that score channels per sample cannot score them, and they are left unpruned."""
     layers = weight_layers(model)
-    shapes = output_shapes(model, torch.cat([example_inputs[:1]] * 2), layers)
-    return [layers[name] for name, shape in shapes.items() if len(shape) > 0 and shape[0] == 2]
+    return [layers[name] for name, per_sample in per_sample_outputs(model, example_inputs, layers).items() if per_sample]

@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _state_bytes(importance: Any) -> int:
     """Bytes of what a JBR importance keeps between passes (sums, rows), the frozen dense targets excluded."""
-    rows = importance.derivatives.numel() * importance.derivatives.element_size() if importance.derivatives is not None else 0
-    return rows + sum(s.numel() * s.element_size() for s in importance.sums.values())
+    rows = importance.derivatives.nbytes if importance.derivatives is not None else 0
+    return rows + sum(s.nbytes for s in importance.sums.values())
 
 
 def memory_rows(model: torch.nn.Module, sizes: list[int], batch_size: int) -> list[dict[str, Any]]:
@@ -51,14 +51,14 @@ def memory_rows(model: torch.nn.Module, sizes: list[int], batch_size: int) -> li
     shape = spec_of(model).input_shape
     example = torch.zeros(1, *shape)
     adapter = adapter_for(model)
-    graph = adapter.dependency_graph(model, example)
-    groups = list(graph.get_all_groups(root_module_types=(torch.nn.Conv2d, torch.nn.Linear),
-                                       ignored_layers=adapter.never_pruned(model)))
+    ignored = adapter.never_pruned(model)
+    groups = list(adapter.dependency_graph(model, example).get_all_groups(
+        root_module_types=(torch.nn.Conv2d, torch.nn.Linear), ignored_layers=ignored))
     rows = []
     for size in sizes:
         data = calibration(synthetic(size, shape), size, batch_size)
         summed, kept = criteria.get("jbr", data), criteria.get("jbr", data, keep_rows=True)
-        criteria.prepare(summed, model, ignored_layers=adapter.never_pruned(model)), criteria.prepare(kept, model)
+        criteria.prepare(summed, model, ignored_layers=ignored), criteria.prepare(kept, model)
         diff = max(float(((summed(g) - kept(g)).abs() / kept(g).abs().clamp_min(1e-30)).max()) for g in groups)
         targets = sum(t.nbytes for t in summed.dense_targets)
         rows.append({"samples": size, "summed_bytes": _state_bytes(summed), "rows_bytes": _state_bytes(kept),
