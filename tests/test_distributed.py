@@ -226,3 +226,16 @@ def test_the_recipe_under_torchrun_makes_the_decisions_of_one_process(tmp_path) 
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert _decisions(one) == _decisions(two)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no rank left a staging folder
+
+
+def test_a_recipe_that_cannot_be_shared_stops_before_any_work(monkeypatch, tmp_path) -> None:
+    from compress.recipe import load_recipe
+    from compress.recipe import runner
+
+    monkeypatch.setattr(runner, "rank_and_world", lambda: (0, 4))
+    for override, message in (("recover.distill_batch_size=130", "recover.distill_batch_size=130 cannot be split over 4"),
+                              ("data.calibration_samples=3", "data.calibration_samples=3 cannot be shared by 4")):
+        recipe = load_recipe("fmnist_jbr", [override], {"data.source": "synthetic", "model.weights": "random"})
+        with pytest.raises(CompressError, match=message):
+            runner.preflight(recipe, tmp_path / "out", overwrite=False)
+    assert not (tmp_path / "out").exists()

@@ -24,7 +24,7 @@ import torch
 
 from ..backends.candidates import FLOAT8
 from ..data import fashion_mnist_dir
-from ..distributed import barrier, is_main
+from ..distributed import barrier, is_main, rank_and_world
 from ..errors import CompressError
 from . import report as report_writer
 from .config import Recipe
@@ -69,6 +69,7 @@ def preflight(recipe: Recipe, out: Path, overwrite: bool) -> None:
         raise CompressError("quantize.candidates has 'float8', but a recipe quantizes for the CPU (torchao weight-only, "
                             "ONNX files) and float8 needs a CUDA GPU of compute capability >= 8.9",
                             "drop 'float8' from quantize.candidates")
+    _check_world(recipe)
     if recipe.check.openvino and importlib.util.find_spec("openvino") is None:
         raise CompressError("check.openvino is set, but the openvino package is not installed",
                             "pip install -e '.[openvino]', or set check.openvino=false")
@@ -87,6 +88,23 @@ def preflight(recipe: Recipe, out: Path, overwrite: bool) -> None:
     for path in inputs:
         if path == out.resolve() or out.resolve() in path.parents:
             raise CompressError(f"input {path} lies inside the output folder {out}", "pass an --out folder that holds none of the inputs")
+
+
+def _check_world(recipe: Recipe) -> None:
+    """Under torch.distributed: sample counts every rank can share and a global distillation batch that splits
+    evenly (found before any work rather than at the stage that needs it)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    d, r, q = recipe.data, recipe.recover, recipe.quantize
+    counts = {"data.calibration_samples": d.calibration_samples, "data.recalibration_samples": d.recalibration_samples,
+              "quantize.calibration_samples": q.calibration_samples}
+    for key, count in counts.items():
+        if count < world:
+            raise CompressError(f"{key}={count} cannot be shared by {world} processes", f"set {key} to at least {world}")
+    if r.distill_steps and r.distill_batch_size % world:
+        raise CompressError(f"recover.distill_batch_size={r.distill_batch_size} cannot be split over {world} processes",
+                            f"use a multiple of {world}")
 
 
 def _versions() -> dict[str, str]:
