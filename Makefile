@@ -13,7 +13,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[test,timm,openvino]'
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e '.[test,timm,openvino,hf]'
 	touch $(STAMP)
 
 data:

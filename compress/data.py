@@ -1,7 +1,8 @@
 """Data: the embedded Fashion-MNIST set, ImageNet-style folders, label-free calibration batches.
 
-``data`` anywhere in this toolkit is any iterable of input batches or of ``(input, label, ...)`` batches; the
-criteria only ever see inputs (:func:`iter_inputs`). Labels are read for accuracy and nothing else.
+``data`` anywhere in this toolkit is any iterable of input batches, of ``(input, label, ...)`` batches or of dicts
+of named tensors (a tokenized batch; labels under ``labels``); an input is a tensor or a dict of named tensors
+(:mod:`compress.batches`). The criteria only ever see inputs (:func:`iter_inputs`). Labels are read for accuracy and nothing else.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
+from .batches import LABEL_KEYS, Inputs, first_rows, rows
 from .distributed import rank_and_world, rank_share
 from .errors import CompressError
 from .images import check_unreadable, scan
@@ -185,24 +187,42 @@ def loader(dataset: Dataset, batch_size: int = 128, *, shuffle: bool = False, se
                       num_workers=0 if batched else min(workers, available_cores()))
 
 
-def inputs_of(batch: Any) -> torch.Tensor:
-    """The input tensor of a batch that is either a tensor or a ``(input, label, ...)`` sequence."""
+def inputs_of(batch: Any) -> Inputs:
+    """The model inputs of a batch: a tensor, the first item of an ``(input, label, ...)`` sequence, or a mapping of
+    named tensors without its labels (``labels`` / ``label``)."""
     if isinstance(batch, torch.Tensor):
         return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (torch.Tensor, Mapping)):
         return batch[0]
+    if isinstance(batch, Mapping):
+        named = {k: v for k, v in batch.items() if k not in LABEL_KEYS and isinstance(v, torch.Tensor)}
+        if named:
+            return named
     raise CompressError(f"a data batch of type {type(batch).__name__} holds no input tensor",
-                        "yield input tensors or (input, label) pairs")
+                        "yield input tensors, (input, label) pairs or dicts of named tensors")
 
 
 def labels_of(batch: Any) -> torch.Tensor | None:
-    """The label tensor of an ``(input, label, ...)`` batch, or None for an input-only batch."""
+    """The label tensor of an ``(input, label, ...)`` batch or of a dict batch's ``labels``, or None."""
     if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
         return batch[1]
+    if isinstance(batch, Mapping):
+        return next((batch[k] for k in LABEL_KEYS if isinstance(batch.get(k), torch.Tensor)), None)
     return None
 
 
-def iter_inputs(data: Iterable[Any]) -> Iterator[torch.Tensor]:
+def _stacked(items: Sequence[Any], with_labels: bool) -> tuple[Inputs, torch.Tensor | None]:
+    """Dataset items (each an input and a label, or a dict of named tensors) stacked into one batch."""
+    inputs = [inputs_of(it) for it in items]
+    x = ({k: torch.stack([i[k] for i in inputs]) for k in inputs[0]} if isinstance(inputs[0], Mapping)
+         else torch.stack(inputs))
+    if not with_labels:
+        return x, None
+    labels = [labels_of(it) if isinstance(it, Mapping) else it[1] for it in items]
+    return x, torch.as_tensor([int(y) for y in labels])
+
+
+def iter_inputs(data: Iterable[Any]) -> Iterator[Inputs]:
     """The input tensors of ``data``, labels dropped."""
     for batch in data:
         yield inputs_of(batch)
@@ -224,7 +244,7 @@ class CalibrationData:
     seed: int
     with_labels: bool = False  # yield (input, label) batches, for supervised baselines only
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Any]:
         if isinstance(self.source, Dataset) and hasattr(self.source, "__len__"):
             subset = self._subset()
             ds = self.source
@@ -233,9 +253,7 @@ class CalibrationData:
                 if _fetches_batches(ds):
                     batch = ds.__getitems__(idx)
                 else:
-                    items = [ds[i] for i in idx]
-                    batch = (torch.stack([inputs_of(it) for it in items]),
-                             torch.as_tensor([int(it[1]) for it in items]) if self.with_labels else None)
+                    batch = _stacked([ds[i] for i in idx], self.with_labels)
                 yield self._select(batch)
             return
         seen = 0
@@ -243,8 +261,8 @@ class CalibrationData:
             if seen >= self.num_samples:
                 return
             keep = self.num_samples - seen
-            x, y = inputs_of(batch)[:keep], labels_of(batch)
-            seen += len(x)
+            x, y = first_rows(inputs_of(batch), keep), labels_of(batch)
+            seen += rows(x)
             yield self._select((x, None if y is None else y[:keep]))
 
     def _subset(self) -> list[int]:

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
+from .batches import describe, rows
 from .data import inputs_of, labels_of
 from .errors import CompressError
 from .nn_helpers import eval_mode
@@ -36,7 +37,7 @@ def predict(model: nn.Module, x: Any) -> torch.Tensor:
         return adapter.forward(model, x)
     except RuntimeError as err:
         if "shape" in str(err) or "size" in str(err):
-            raise CompressError(f"model rejected inputs of shape {tuple(x.shape)}: {str(err).splitlines()[0][:160]}",
+            raise CompressError(f"model rejected inputs of shape {describe(x)}: {str(err).splitlines()[0][:160]}",
                                 "pass inputs of the shape the model was built for") from err
         raise
 
@@ -63,7 +64,7 @@ def agreement(model: nn.Module, reference: nn.Module, data: Iterable[Any]) -> fl
     for batch in data:
         x = inputs_of(batch)
         same += int((predict(model, x).argmax(1).cpu() == predict(reference, x).argmax(1).cpu()).sum())
-        total += len(x)
+        total += rows(x)
     return same / max(total, 1)
 
 
@@ -95,7 +96,7 @@ def compare(model: nn.Module, reference: nn.Module, data: Iterable[Any], progres
             labelled = False
         else:
             correct += int((pred == labels).sum())
-        total += len(x)
+        total += rows(x)
     if total == 0:
         raise CompressError("comparison got no data", "pass a non-empty data iterable")
     return Comparison(correct / total if labelled else None, same / total, kl / total, mse / total, total)

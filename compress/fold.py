@@ -36,7 +36,9 @@ def _foldable_norm(module: nn.Module | None) -> bool:
 
 def foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(layer name, BatchNorm name) for every BN (with running statistics) fed only by a Conv/Linear whose output
-    nothing else uses."""
+    nothing else uses (none, without tracing, in a model without such a BN: a transformer)."""
+    if not any(_foldable_norm(m) for m in model.modules()):
+        return []
     try:
         graph = _NormLeafTracer().trace(model)
     except Exception as err:  # fx raises many types for untraceable control flow

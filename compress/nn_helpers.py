@@ -15,6 +15,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from .batches import call, concat_rows, first_rows, map_tensors
+
 WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
@@ -35,18 +37,18 @@ def output_shapes(model: nn.Module, inputs: Any, layers: Mapping[str, nn.Module]
 
     hooks = [m.register_forward_hook(lambda _m, _a, out, name=name: record(name, out)) for name, m in layers.items()]
     try:
-        model(inputs)
+        call(model, inputs)
     finally:
         for hook in hooks:
             hook.remove()
     return shapes
 
 
-def per_sample_outputs(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn.Module]) -> dict[str, bool]:
+def per_sample_outputs(model: nn.Module, example: Any, layers: Mapping[str, nn.Module]) -> dict[str, bool]:
     """For each of ``layers`` the forward calls, whether its output has one row per sample (found on a batch of two
     copies of ``example``'s first sample). Layers computing from buffers only (Swin V2's position-bias MLP on its
     coordinate table) have none; layers never called are absent."""
-    shapes = output_shapes(model, torch.cat([example[:1]] * 2), layers)
+    shapes = output_shapes(model, concat_rows([first_rows(example, 1)] * 2), layers)
     return {name: len(shape) > 0 and shape[0] == 2 for name, shape in shapes.items()}
 
 
@@ -71,13 +73,14 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def on_model(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """``x`` on the model's device, and in its dtype when both are floating point (a float64 or bf16 model takes
-    float32 data)."""
+def on_model(x: Any, model: nn.Module) -> Any:
+    """``x`` (a tensor or a mapping of named tensors) on the model's device, floating tensors in its floating dtype
+    (a float64 or bf16 model takes float32 data; token ids and masks keep their integer dtype)."""
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
     if first is None:
-        return x.to(model_device(model))
-    return x.to(first.device, first.dtype if x.is_floating_point() else x.dtype)
+        device = model_device(model)
+        return map_tensors(x, lambda t: t.to(device))
+    return map_tensors(x, lambda t: t.to(first.device, first.dtype if t.is_floating_point() else t.dtype))
 
 
 def fingerprint(model: nn.Module) -> tuple:

@@ -29,11 +29,13 @@ from . import latency
 from .adapters import ModelAdapter, adapter_for, identify
 from .adapters.spec import attach_spec, user_spec, with_history
 from .adapters.split_order import split_outputs_in_order
+from .batches import first_rows
 from .capped_importance import CappedImportance
 from .data import CalibrationData, calibration
 from .distributed import agree
 from .errors import CompressError
 from .macs import count_macs_params
+from .nn_helpers import on_model
 from .quiet import quiet_third_party
 from .recover import recalibrate_bn
 from .validation import check_calibration, check_finite_weights
@@ -194,7 +196,7 @@ class _Run:
     name: str  # the criterion's reported name
     importance: tp.importance.Importance
     calib: Any
-    example: torch.Tensor
+    example: Any  # one sample of the model's inputs (a tensor or named tensors)
     ignored: list[str]
     adapter: ModelAdapter
     metric_index: int  # 0: MACs, 1: params
@@ -316,8 +318,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
     model = copy.deepcopy(model).eval()
     spec = identify(dense)
     adapter = adapter_for(dense)
-    device = next(model.parameters()).device
-    example = (adapter.example_inputs(dense) if example_inputs is None else example_inputs)[:1].to(device)
+    example = on_model(first_rows(adapter.example_inputs(dense) if example_inputs is None else example_inputs, 1), model)
     name = criterion_name(criterion)
     calib = _calibration(data, criterion, calibration_samples, batch_size, seed)
     check_calibration(model, calib, example)
@@ -354,10 +355,11 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
                             "raise the tolerance, lower round_to, or use more steps")
     after = count_macs_params(model, example)
     widths_after = _widths(model)
+    shape = tuple(int(s) for s in example.shape[1:]) if isinstance(example, torch.Tensor) else ()
     if spec is None:  # a user's own class: record what compress.load(path, model=Fresh()) replays
-        spec = user_spec(dense, tuple(example.shape[1:]), adapter.name)
+        spec = user_spec(dense, shape, adapter.name)
     elif spec.is_user and not spec.input_shape:
-        spec = replace(spec, input_shape=tuple(int(s) for s in example.shape[1:]))
+        spec = replace(spec, input_shape=shape)
     attach_spec(model, with_history(spec, history))
     layers = [LayerWidth(n, w, widths_after.get(n, 0)) for n, w in widths_before.items()]
     return PruneResult(model, history, name, target, before[0], after[0], before[1], after[1], layers,

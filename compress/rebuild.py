@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from .adapters import adapter_named
-from .adapters.image import replay_pruning
 from .adapters.spec import ModelSpec, attach_spec, spec_of
 from .backends import apply_quantization
 from .errors import CompressError
@@ -37,7 +36,7 @@ def _replay_onto(model: nn.Module, spec: ModelSpec) -> nn.Module:
     model.cpu()  # the history is replayed with a CPU example input
     adapter = adapter_named(spec.adapter)
     try:
-        return replay_pruning(model, spec, adapter)
+        return adapter.replay(model, spec)
     except CompressError:
         raise
     except Exception as err:  # torch-pruning's own errors on a module of another shape

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
+from .batches import tensors
 from .errors import CompressError
 
 
@@ -38,10 +39,10 @@ def check_calibration(model: nn.Module, data: Iterable[Any], example_inputs: Any
     count = 0
     for index, batch in enumerate(data):
         x = adapter.inputs_of(batch)
+        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors(x)):
+            raise CompressError(f"calibration batch {index} holds non-finite values (NaN or inf)",
+                                "clean the data (check the normalisation) or drop that batch")
         if isinstance(x, torch.Tensor):
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise CompressError(f"calibration batch {index} holds non-finite values (NaN or inf)",
-                                    "clean the data (check the normalisation) or drop that batch")
             if isinstance(example_inputs, torch.Tensor) and (x.dim() != example_inputs.dim() or
                                                              (x.dim() > 1 and x.shape[1] != example_inputs.shape[1])):
                 raise CompressError(f"calibration batch {index} has shape {tuple(x.shape)}, the model takes "

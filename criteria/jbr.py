@@ -45,6 +45,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from compress.adapters import adapter_for
+from compress.batches import first_rows, map_tensors, predict, rows, tensors
 from compress.data import inputs_of, labels_of
 from compress.distributed import all_reduce_sum
 from compress.errors import CompressError
@@ -172,14 +173,14 @@ class GateImportance(CalibratedImportance):
         later."""
         if not self.uses_dense_targets:
             return None
-        checksum = float(x.detach().double().sum())
+        checksum = sum(float(t.detach().double().sum()) for t in tensors(x))
         if freeze:
             probabilities = logits.detach().float().softmax(1).cpu()
             confidence, classes = probabilities.max(1)
             self.dense_targets.append(FrozenPredictions(classes, confidence,
                                                         probabilities if self.uses_probabilities else None))
             self._checksums.append(checksum)
-        elif (index >= len(self.dense_targets) or len(self.dense_targets[index]) != len(x)
+        elif (index >= len(self.dense_targets) or len(self.dense_targets[index]) != rows(x)
               or abs(checksum - self._checksums[index]) > 1e-6 * (1.0 + abs(self._checksums[index]))):
             raise CompressError("the calibration data differs from the pass that froze the dense model's predictions",
                                 "pass the same calibration data, in a fixed order, at every pruning step "
@@ -252,7 +253,7 @@ class GateImportance(CalibratedImportance):
         handles: list[Any] = []
         batch_rows = [0]  # the samples of the batch being run
         widths: dict[str, int] = {}
-        rows: list[Tensor] = []
+        kept_rows: list[Tensor] = []
         batches = 0
         freeze = self.uses_dense_targets and self.dense_targets is None
         if freeze:
@@ -261,15 +262,15 @@ class GateImportance(CalibratedImportance):
             for index, batch in enumerate(data):
                 x = on_model(inputs_of(batch), model)
                 if index == 0:
-                    self.example_input = x[:1].detach()
+                    self.example_input = map_tensors(first_rows(x, 1), torch.Tensor.detach)
                     if graph is None:
                         adapter = adapter_for(model)
                         graph = adapter.pruning_graph(model, adapter.dependency_graph(model, self.example_input))
                     handles = [m.register_forward_hook(hook(n)) for n, m in gate_points(model, graph).items()]
                 gates.clear()
-                batch_rows[0] = len(x)
+                batch_rows[0] = rows(x)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    logits = model(x)
+                    logits = predict(model, x)
                 if logits.dtype in (torch.float16, torch.bfloat16):
                     logits = logits.float()
                 s = self.objective(logits, self._targets(index, x, logits, freeze), labels_of(batch))
@@ -279,20 +280,20 @@ class GateImportance(CalibratedImportance):
                 per_name: dict[str, Tensor] = {}
                 for n in names:
                     total = sum((torch.zeros_like(g) if d is None else d) for g, d in zip(gates[n], grads))
-                    per_name[n] = total.reshape(len(x), -1)
+                    per_name[n] = total.reshape(batch_rows[0], -1)
                 if index == 0:
                     widths = {n: d.shape[1] for n, d in per_name.items()}
                     starts = torch.tensor([0] + list(widths.values())).cumsum(0).tolist()
                     self.columns = {n: slice(a, b) for n, a, b in zip(widths, starts[:-1], starts[1:])}
                     plan_groups(graph)
-                row = torch.cat([per_name[n] if n in per_name else torch.zeros(len(x), w, device=device)
+                row = torch.cat([per_name[n] if n in per_name else torch.zeros(batch_rows[0], w, device=device)
                                  for n, w in widths.items()], 1)
                 row = (row if self.per_sample else row.sum(0, keepdim=True)).to("cpu", torch.float32)
                 self._accumulate(row, plans)
                 self.rows_seen += len(row)
                 batches += 1
                 if keep_rows:
-                    rows.append(row)
+                    kept_rows.append(row)
             if batches == 0:
                 raise CompressError(f"{type(self).__name__} got no calibration batches",
                                     "pass a non-empty calibration set")
@@ -306,7 +307,7 @@ class GateImportance(CalibratedImportance):
         if self.dense_targets is not None and len(self.dense_targets) != batches:
             raise CompressError("the calibration data has fewer batches than when the dense predictions were frozen",
                                 "pass the same calibration data at every pruning step")
-        self.derivatives = torch.cat(rows) if keep_rows else None
+        self.derivatives = torch.cat(kept_rows) if keep_rows else None
 
     def _module_names(self, group: Any) -> dict[nn.Module, str]:
         graph = getattr(group, "_DG", None)

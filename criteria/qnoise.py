@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from compress.backends.intx import (TORCHAO_WEIGHT_DTYPES, MappingName, QuantSpec, block_length, fake_quantize,
                                     quant_params, quant_step, quantization_problems)
+from compress.batches import call_arguments, predict, prediction, rows
 from compress.data import labels_of
 from compress.errors import CompressError
 from compress.quiet import load_torchao
@@ -77,16 +78,16 @@ def hawq_traces(model: nn.Module, data: Iterable[Any], *, params: Sequence[str] 
     with eval_mode(model):
         for batch, x in zip(batches, model_inputs(model, batches, num_samples)):
             p = {n: t.clone().requires_grad_(True) for n, t in selected.items()}
-            logits = functional_call(model, p, (x,))
+            logits = prediction(functional_call(model, p, *call_arguments(x)), x)
             labels = labels_of(batch)
-            y = logits.argmax(1).detach() if labels is None else labels[: len(x)].to(logits.device)
+            y = logits.argmax(1).detach() if labels is None else labels[: rows(x)].to(logits.device)
             grads = torch.autograd.grad(F.cross_entropy(logits, y), list(p.values()), create_graph=True)
             for j in range(probes):
                 v = [rademacher(g.shape, gen, g) for g in grads]
                 hv = torch.autograd.grad(sum((g * vi).sum() for g, vi in zip(grads, v)), list(p.values()),
                                          retain_graph=j < probes - 1)
                 for n, vi, h in zip(p, v, hv):
-                    stats[n].add((vi * h).sum().reshape(1) * len(x), torch.tensor([float(len(x))]))
+                    stats[n].add((vi * h).sum().reshape(1) * rows(x), torch.tensor([float(rows(x))]))
     return {n: s.result() for n, s in stats.items()}
 
 
@@ -123,9 +124,10 @@ def measured_tpv(model: nn.Module, layer: str, spec: QuantSpec, inputs: Sequence
     quantized = copy.deepcopy(model).eval()
     quantize_(quantized, spec.config(), filter_fn=lambda m, fqn: fqn == layer)
     with eval_mode(model), torch.no_grad():
-        reference = [model(x) for x in inputs] if reference is None else reference
-        sq = sum(float(((quantized(x) - ref).double() ** 2).reshape(len(x), -1).sum()) for x, ref in zip(inputs, reference))
-    return sq / sum(len(x) for x in inputs)
+        reference = [predict(model, x) for x in inputs] if reference is None else reference
+        sq = sum(float(((predict(quantized, x) - ref).double() ** 2).reshape(rows(x), -1).sum())
+                 for x, ref in zip(inputs, reference))
+    return sq / sum(rows(x) for x in inputs)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def validate(model: nn.Module, calibration: Iterable[Any], held_out: Iterable[An
     traces = hawq_traces(model, calibration, params=list(diag.param), probes=hawq_probes, seed=seed) if hawq else {}
     inputs = list(model_inputs(model, held_out))
     with eval_mode(model), torch.no_grad():
-        reference = [model(x) for x in inputs]
+        reference = [predict(model, x) for x in inputs]
     pairs, measured = [], []
     predicted: dict[str, list[float]] = {k: [] for k in ("noise", "error", "jvp", *(("hawq",) if hawq else ()))}
     params = dict(model.named_parameters())

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from compress.batches import call_arguments, map_tensors, predict, prediction, rows, split_rows
 from compress.data import inputs_of
 from compress.distributed import all_reduce_sum, all_reduce_sums
 from compress.errors import CompressError
@@ -67,7 +68,7 @@ class TaylorImportance(_GradientStatistic, tp.importance.GroupTaylorImportance):
         sums = {n: torch.zeros_like(p) for n, p in params.items()}
         count = 0
         for batch in data:
-            loss = _own_prediction_loss(model(on_model(inputs_of(batch), model)))
+            loss = _own_prediction_loss(predict(model, on_model(inputs_of(batch), model)))
             for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
                 if g is not None:
                     sums[n] += g
@@ -100,7 +101,7 @@ class HessianImportance(_GradientStatistic, tp.importance.GroupHessianImportance
             x = on_model(inputs_of(batch), model)
             for n, sq in self._squared_gradients(model, params, x).items():
                 squares[n] += sq
-            count += len(x)
+            count += rows(x)
         if count == 0:
             raise CompressError("the hessian criterion got no calibration batches", "pass a non-empty calibration set")
         self._accu_grad, self._counter = {}, {}  # nothing for torch-pruning's own accumulation to write over p.grad
@@ -108,7 +109,7 @@ class HessianImportance(_GradientStatistic, tp.importance.GroupHessianImportance
         count = int(all_reduce_sum(torch.tensor([count])).item())
         return {n: s / count for n, s in squares.items()}
 
-    def _squared_gradients(self, model: nn.Module, params: dict[str, nn.Parameter], x: Tensor) -> dict[str, Tensor]:
+    def _squared_gradients(self, model: nn.Module, params: dict[str, nn.Parameter], x: Any) -> dict[str, Tensor]:
         """Σ over the samples of x of (∂ℓ_x/∂w)² per parameter."""
         if self.vectorize:
             try:
@@ -116,27 +117,28 @@ class HessianImportance(_GradientStatistic, tp.importance.GroupHessianImportance
             except RuntimeError:  # data-dependent control flow, in-place ops on buffers, ...: loop instead
                 self.vectorize = False
         total = {n: torch.zeros_like(p) for n, p in params.items()}
-        for xi in x:
-            grads = torch.autograd.grad(_own_prediction_loss(model(xi[None])), list(params.values()), allow_unused=True)
+        for xi in split_rows(x, 1):
+            grads = torch.autograd.grad(_own_prediction_loss(predict(model, xi)), list(params.values()), allow_unused=True)
             for n, g in zip(params, grads):
                 if g is not None:
                     total[n] += g * g
         return total
 
     @staticmethod
-    def _vmapped(model: nn.Module, params: dict[str, nn.Parameter], x: Tensor) -> dict[str, Tensor]:
+    def _vmapped(model: nn.Module, params: dict[str, nn.Parameter], x: Any) -> dict[str, Tensor]:
         from torch.func import functional_call, grad, vmap
 
         fixed = {**{n: p.detach() for n, p in model.named_parameters() if n not in params}, **dict(model.named_buffers())}
 
-        def loss(weights: dict[str, Tensor], xi: Tensor) -> Tensor:
-            return _own_prediction_loss(functional_call(model, (weights, fixed), (xi[None],)))
+        def loss(weights: dict[str, Tensor], xi: Any) -> Tensor:
+            one = map_tensors(xi, lambda t: t[None])
+            return _own_prediction_loss(prediction(functional_call(model, (weights, fixed), *call_arguments(one)), one))
 
         per_sample = vmap(grad(loss), in_dims=(None, 0))
         detached = {n: p.detach() for n, p in params.items()}
         chunk = max(1, PER_SAMPLE_FLOATS // max(1, sum(p.numel() for p in params.values())))
         total = {n: torch.zeros_like(p) for n, p in params.items()}
-        for part in x.split(chunk):
+        for part in split_rows(x, chunk):
             for n, g in per_sample(detached, part).items():
                 total[n] += (g * g).sum(0)
         return total

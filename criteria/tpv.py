@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
+from compress.batches import Inputs, call_arguments, first_rows, map_tensors, predict, prediction, rows, split_rows
 from compress.data import iter_inputs
 from compress.distributed import all_reduce_sum, all_reduce_sums, is_distributed
 from compress.errors import CompressError
@@ -45,15 +46,15 @@ def select_params(model: nn.Module, names: Sequence[str] | None = None) -> dict[
     return {n: params[n] for n in names}
 
 
-def model_inputs(model: nn.Module, data: Iterable[Any], num_samples: int | None = None) -> Iterator[Tensor]:
+def model_inputs(model: nn.Module, data: Iterable[Any], num_samples: int | None = None) -> Iterator[Inputs]:
     """Input batches of ``data`` on the model's device and (floating) dtype, at most ``num_samples`` in all."""
     seen = 0
     for x in iter_inputs(data):
         if num_samples is not None:
             if seen >= num_samples:
                 return
-            x = x[: num_samples - seen]
-        seen += len(x)
+            x = first_rows(x, num_samples - seen)
+        seen += rows(x)
         yield on_model(x, model)
 
 
@@ -139,21 +140,21 @@ class DiagHeff:
 
 def _output_fn(model: nn.Module, params: dict[str, Tensor]) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
     """f(params, x) → logits of shape (batch, K), other parameters and buffers taken from ``model``."""
-    def f(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        out = functional_call(model, p, (x,))
-        return out.reshape(len(x), -1)
+    def f(p: dict[str, Tensor], x: Inputs) -> Tensor:
+        return prediction(functional_call(model, p, *call_arguments(x)), x).reshape(rows(x), -1)
     return f
 
 
 @torch.no_grad()  # torch.func.grad inside still differentiates; nothing outside records a graph
 def _squared_vjps_single(f, params, x, probes, gen, vectorized) -> dict[str, Tensor]:
     """(J(x_i)ᵀ v_ij)² averaged over the probes j, one row per sample i: one backward per (x_i, v_ij)."""
-    k = f(params, x[:1]).shape[1]
-    v = rademacher((len(x), probes, k), gen, x)
-    xs, vs = x.repeat_interleave(probes, 0), v.reshape(-1, k)
+    first = f(params, first_rows(x, 1))
+    k, n = first.shape[1], rows(x)
+    v = rademacher((n, probes, k), gen, first)
+    xs, vs = map_tensors(x, lambda t: t.repeat_interleave(probes, 0)), v.reshape(-1, k)
 
-    def vjp_one(p: dict[str, Tensor], xi: Tensor, vi: Tensor) -> dict[str, Tensor]:
-        return grad(lambda q: (f(q, xi[None])[0] * vi).sum())(p)
+    def vjp_one(p: dict[str, Tensor], xi: Inputs, vi: Tensor) -> dict[str, Tensor]:
+        return grad(lambda q: (f(q, map_tensors(xi, lambda t: t[None]))[0] * vi).sum())(p)
 
     grads = None
     if vectorized:
@@ -162,9 +163,9 @@ def _squared_vjps_single(f, params, x, probes, gen, vectorized) -> dict[str, Ten
         except (RuntimeError, NotImplementedError) as err:  # a model vmap cannot batch: fall back to a loop
             warnings.warn(f"vmap failed ({str(err).splitlines()[0]}); using a per-sample backward loop")
     if grads is None:
-        rows = [vjp_one(params, xi, vi) for xi, vi in zip(xs, vs)]
-        grads = {n: torch.stack([r[n] for r in rows]) for n in params}
-    return {n: (g * g).reshape(len(x), probes, *g.shape[1:]).mean(1) for n, g in grads.items()}
+        per_row = [vjp_one(params, map_tensors(xs, lambda t, i=i: t[i]), vs[i]) for i in range(len(vs))]
+        grads = {name: torch.stack([r[name] for r in per_row]) for name in params}
+    return {name: (g * g).reshape(n, probes, *g.shape[1:]).mean(1) for name, g in grads.items()}
 
 
 def _squared_vjps_batched(f, params, x, probes, gen) -> dict[str, Tensor]:
@@ -186,10 +187,10 @@ def _units(f, params, inputs, estimator, probes, gen, chunk_size, vectorized):
     """i.i.d. units (z: name → (units, *shape), m: samples per unit) of the Hutchinson estimator."""
     for x in inputs:
         if estimator == "batched":
-            yield _squared_vjps_batched(f, params, x, probes, gen), torch.tensor([float(len(x))])
+            yield _squared_vjps_batched(f, params, x, probes, gen), torch.tensor([float(rows(x))])
         else:
-            for chunk in x.split(chunk_size):  # bounds memory at chunk_size·probes per-sample gradients
-                yield _squared_vjps_single(f, params, chunk, probes, gen, vectorized), torch.ones(len(chunk))
+            for chunk in split_rows(x, chunk_size):  # bounds memory at chunk_size·probes per-sample gradients
+                yield _squared_vjps_single(f, params, chunk, probes, gen, vectorized), torch.ones(rows(chunk))
 
 
 def hutchinson_diag(model: nn.Module, data: Iterable[Any], *, params: Sequence[str] | None = None,
@@ -245,7 +246,7 @@ def exact_diag(model: nn.Module, data: Iterable[Any], *, params: Sequence[str] |
             jac = jacrev(f)(selected, x)  # name -> (batch, K, *param.shape)
             for n, j in jac.items():
                 acc[n] += (j.double() ** 2).sum((0, 1))
-            seen += len(x)
+            seen += rows(x)
     acc, seen = all_reduce_sums(acc), int(all_reduce_sum(torch.tensor([seen])).item())
     return {n: a / seen for n, a in acc.items()}
 
@@ -282,7 +283,7 @@ def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, M
     unknown = [n for n in deltas if n not in params]
     if unknown:
         raise CompressError(f"no parameters named {unknown[:3]}", "use names from model.named_parameters()")
-    total = int(all_reduce_sum(torch.tensor([sum(len(x) for x in inputs)])).item())  # every rank's samples
+    total = int(all_reduce_sum(torch.tensor([sum(rows(x) for x in inputs)])).item())  # every rank's samples
     out: dict[str, dict[Any, float]] = {}
     # the first jvp loads torch decompositions via torch.jit.script (quiet); attention kernels without forward AD off
     with eval_mode(model), quiet_third_party(), _attention_with_forward_ad():
@@ -294,8 +295,8 @@ def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, M
             keys = list(by_key)
             tangents = torch.stack([by_key[k].to(w) for k in keys])
 
-            def jvp_sq(x: Tensor, t: Tensor) -> Tensor:
-                f = lambda v: functional_call(model, {name: v}, (x,)).reshape(len(x), -1)  # noqa: E731
+            def jvp_sq(x: Inputs, t: Tensor) -> Tensor:
+                f = lambda v: prediction(functional_call(model, {name: v}, *call_arguments(x)), x).reshape(rows(x), -1)  # noqa: E731
                 return jvp(f, (w,), (t,))[1].double().pow(2).sum()
 
             sums = torch.zeros(len(keys), dtype=torch.float64, device=w.device)
@@ -335,16 +336,16 @@ def empirical_tpv(model: nn.Module, data: Iterable[Any], perturbation: Perturbat
     gen, per_draw = torch.Generator().manual_seed(seed), []
     original = {n: p.detach().clone() for n, p in selected.items()}
     with eval_mode(model), torch.no_grad():
-        reference = [model(x).reshape(len(x), -1) for x in inputs]
+        reference = [predict(model, x).reshape(rows(x), -1) for x in inputs]
         try:
             for _ in range(draws):
                 for n, p in selected.items():
                     delta = perturbation(n, original[n], gen)
                     if delta is not None:
                         p.add_(delta.to(p.device, p.dtype))
-                sq = sum(float(((model(x).reshape(len(x), -1) - ref).double() ** 2).sum())
+                sq = sum(float(((predict(model, x).reshape(rows(x), -1) - ref).double() ** 2).sum())
                          for x, ref in zip(inputs, reference))
-                per_draw.append(sq / sum(len(x) for x in inputs))
+                per_draw.append(sq / sum(rows(x) for x in inputs))
                 for n, p in selected.items():
                     p.copy_(original[n])
         finally:
@@ -352,7 +353,7 @@ def empirical_tpv(model: nn.Module, data: Iterable[Any], perturbation: Perturbat
                 p.copy_(original[n])
     values = torch.tensor(per_draw, dtype=torch.float64)
     stderr = float(values.std() / len(values) ** 0.5) if len(values) > 1 else float("nan")
-    return EmpiricalTPV(float(values.mean()), stderr, values, sum(len(x) for x in inputs))
+    return EmpiricalTPV(float(values.mean()), stderr, values, sum(rows(x) for x in inputs))
 
 
 def gaussian_noise(sigma: float | Mapping[str, float | Tensor]) -> Perturbation:

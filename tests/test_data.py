@@ -75,12 +75,14 @@ def test_calibration_from_a_batch_iterable_stops_at_n():
         calibration(batches, num_samples=0)
 
 
-def test_inputs_of_accepts_tensors_and_pairs_only():
+def test_inputs_of_accepts_tensors_pairs_and_named_tensors():
     x = torch.zeros(2, 3)
     assert inputs_of(x) is x and inputs_of((x, torch.zeros(2))) is x
     assert len(list(iter_inputs(loader(synthetic(10), 4)))) == 3
-    with pytest.raises(CompressError, match="no input tensor"):
-        inputs_of({"image": x})
+    assert inputs_of({"image": x, "labels": torch.zeros(2)}) == {"image": x}  # labels are not inputs
+    for bad in ({"labels": torch.zeros(2)}, {"text": "a"}, "a", [1, 2]):
+        with pytest.raises(CompressError, match="no input tensor"):
+            inputs_of(bad)
 
 
 def _write_png(path, value: int) -> None:

@@ -114,8 +114,10 @@ def test_latency_target_that_cannot_be_met_is_a_user_error(small, monkeypatch):
 
 
 def test_latency_target_measured_in_onnxruntime(small):
-    """Smoke test of the real measurement: fields filled from onnxruntime runs (no speed asserted here)."""
-    result = prune(small, synthetic(64), criterion="l1", target=Target(latency=0.9, runs=3, latency_tolerance=1.0),
+    """Smoke test of the real measurement: fields filled from onnxruntime runs (no speed asserted here). The ratio of
+    two 3-run medians of this 0.15 ms model ranged 0.49-1.54 over six identical runs, so the tolerance accepts any
+    ratio and one round is always enough."""
+    result = prune(small, synthetic(64), criterion="l1", target=Target(latency=0.9, runs=3, latency_tolerance=10.0),
                    steps=1, round_to=4, tolerance=0.05, progress=False)
     assert result.latency_before_ms > 0 and result.latency_after_ms > 0 and len(result.latency_log) == 1
 

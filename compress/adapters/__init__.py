@@ -1,7 +1,7 @@
 """Model adapters: what kind of model the pipeline holds (:class:`ModelAdapter`), chosen per model.
 
-``adapter_for(model)`` returns the first registered adapter that handles the model (the image-classifier adapter
-handles any ``nn.Module`` and is tried last); ``adapter_named(spec.adapter)`` the one that rebuilds a checkpoint.
+``adapter_for(model)`` returns the first registered adapter that handles the model (Hugging Face transformers'
+models have their own; the image-classifier adapter handles any ``nn.Module`` and is tried last); ``adapter_named(spec.adapter)`` the one that rebuilds a checkpoint.
 A new model family is one file with a ``ModelAdapter`` subclass plus ``register(MyAdapter())``.
 """
 
@@ -11,10 +11,11 @@ from torch import nn
 
 from ..errors import CompressError
 from .base import InputSpec, ModelAdapter
+from .hf import HuggingFaceAdapter
 from .image import ImageClassifierAdapter
 from .spec import ModelSpec, attach_spec, spec_of
 
-_ADAPTERS: list[ModelAdapter] = [ImageClassifierAdapter()]
+_ADAPTERS: list[ModelAdapter] = [HuggingFaceAdapter(), ImageClassifierAdapter()]
 
 
 def register(adapter: ModelAdapter) -> ModelAdapter:
@@ -65,5 +66,5 @@ def adapter_named(name: str) -> ModelAdapter:
                         f"register it before loading (known: {', '.join(a.name for a in _ADAPTERS)})")
 
 
-__all__ = ["ImageClassifierAdapter", "InputSpec", "ModelAdapter", "ModelSpec", "adapter_for", "adapter_named", "adapters_registered",
+__all__ = ["HuggingFaceAdapter", "ImageClassifierAdapter", "InputSpec", "ModelAdapter", "ModelSpec", "adapter_for", "adapter_named", "adapters_registered",
            "attach_spec", "identify", "register", "spec_of", "unregister"]

@@ -125,6 +125,28 @@ class ModelAdapter:
         """The spec of an unrecorded ``model`` when its builder is known, else None."""
         return None
 
+    def spec_inputs(self, spec: ModelSpec, batch: int = 1, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> Any:
+        """Example inputs of ``batch`` samples for the model ``spec`` describes (floating ones in ``dtype``);
+        default: zeros of the recorded input shape."""
+        return spec.example_input(batch, device=device, dtype=dtype)
+
+    def replay(self, model: nn.Module, spec: ModelSpec) -> nn.Module:
+        """Re-apply ``spec.pruning_history`` to a freshly built, unpruned ``model`` (torch-pruning's replay on the
+        graph traced from :meth:`spec_inputs`), then :meth:`sync_after_pruning`."""
+        if not spec.pruning_history:
+            return model
+        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        graph = self.pruning_graph(model, self.dependency_graph(
+            model, self.spec_inputs(spec, dtype=first.dtype if first is not None else None)))
+        try:
+            with quiet_third_party():
+                graph.load_pruning_history([[n, o, list(i)] for n, o, i in spec.pruning_history])
+        except (AttributeError, IndexError, KeyError, RuntimeError) as err:
+            raise CompressError(f"pruning history does not fit architecture {spec.arch}: {err}",
+                                "load the checkpoint with the toolkit version that wrote it") from err
+        return self.sync_after_pruning(model)
+
     def rebuild(self, spec: ModelSpec) -> nn.Module:
         """A fresh model of ``spec``'s structure (pruning history replayed, weights freshly initialised)."""
         raise CompressError(f"the {self.name} adapter cannot rebuild {spec.arch}", "save the model with a known builder")

@@ -18,6 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..batches import predict
 from ..data import inputs_of
 from ..nn_helpers import on_model
 from ..errors import CompressError
@@ -95,22 +96,6 @@ def num_classes(model: nn.Module) -> int | None:
     return last[-1].out_features if isinstance(last[-1], nn.Linear) else last[-1].out_channels
 
 
-def replay_pruning(model: nn.Module, spec: ModelSpec, adapter: ModelAdapter) -> nn.Module:
-    """Re-apply ``spec.pruning_history`` to a freshly built, unpruned ``model`` (torch-pruning's replay)."""
-    if not spec.pruning_history:
-        return model
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    graph = adapter.pruning_graph(model, adapter.dependency_graph(
-        model, spec.example_input(dtype=first.dtype if first is not None else None)))
-    try:
-        with quiet_third_party():
-            graph.load_pruning_history([[n, o, list(i)] for n, o, i in spec.pruning_history])
-    except (AttributeError, IndexError, KeyError, RuntimeError) as err:
-        raise CompressError(f"pruning history does not fit architecture {spec.arch}: {err}",
-                            "load the checkpoint with the toolkit version that wrote it") from err
-    return adapter.sync_after_pruning(model)
-
-
 def torchvision_weights(arch: str, name: str) -> Any:
     """The torchvision weights enum member ``name`` (e.g. ``IMAGENET1K_V2``, ``DEFAULT``) of ``arch``."""
     import torchvision
@@ -166,7 +151,7 @@ class ImageClassifierAdapter(ModelAdapter):
         if device is None:
             first = next(model.parameters(), None)
             device = first.device if first is not None else "cpu"
-        return spec.example_input(batch, device=device)
+        return self.spec_inputs(spec, batch, device=device)
 
     def input_spec(self, model: nn.Module) -> InputSpec:
         return InputSpec(("input",), ("logits",), {"input": {0: "batch"}, "logits": {0: "batch"}})
@@ -184,7 +169,7 @@ class ImageClassifierAdapter(ModelAdapter):
                                 "pass data of that shape (e.g. a matching --image-size / channels) or a model built for it")
 
     def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        return model(on_model(inputs, model))
+        return predict(model, on_model(inputs, model))
 
     def never_pruned(self, model: nn.Module) -> list[nn.Module]:
         return [classifier_layer(model)] + shuffle_outputs(model)
@@ -268,4 +253,4 @@ class ImageClassifierAdapter(ModelAdapter):
             model = builder(spec.arch)(**spec.kwargs)
         except TypeError as err:
             raise CompressError(f"bad arguments for {spec.arch}: {err}", "check the model kwargs") from err
-        return replay_pruning(model, spec, self)
+        return self.replay(model, spec)

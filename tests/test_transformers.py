@@ -1,0 +1,207 @@
+"""Hugging Face transformers through the pipeline: named-input batches, the adapter, MLP pruning, JBR on token
+sequences against brute force in float64, bit plans and quantization, save/load, bad inputs.
+
+Tiny configs with random weights (no download): ViT, BERT and a Llama with grouped-query attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, ViTConfig,
+                          ViTForImageClassification)
+
+import criteria
+from compress import Budget, CompressError, load, plan_bits, quantize, save
+from compress.adapters import HuggingFaceAdapter, adapter_for
+from compress.batches import concat_rows, first_rows, predict, prediction, rows, split_rows
+from compress.data import calibration, inputs_of, labels_of
+from compress.evaluate import compare
+from compress.macs import count_macs_params
+from compress.prune import Target, prune
+
+VOCAB, LENGTH, SAMPLES = 50, 10, 24
+
+
+def vit() -> nn.Module:
+    config = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, num_labels=10)
+    return ViTForImageClassification(config).eval()
+
+
+def bert() -> nn.Module:
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+def llama() -> nn.Module:
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16)
+    return LlamaForCausalLM(config).eval()
+
+
+def token_batches(seed: int = 0, padded: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Tokenized batches of 8 with right padding (lengths 4..LENGTH) and labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (SAMPLES, LENGTH), generator=g)
+    lengths = torch.randint(4, LENGTH + 1, (SAMPLES,), generator=g) if padded else torch.full((SAMPLES,), LENGTH)
+    mask = (torch.arange(LENGTH)[None] < lengths[:, None]).long()
+    labels = torch.randint(0, 3, (SAMPLES,), generator=g)
+    return [{"input_ids": ids[i:i + 8] * mask[i:i + 8], "attention_mask": mask[i:i + 8], "labels": labels[i:i + 8]}
+            for i in range(0, SAMPLES, 8)]
+
+
+def image_batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"pixel_values": torch.randn(8, 1, 28, 28, generator=g)} for _ in range(SAMPLES // 8)]
+
+
+FAMILIES = {"vit": (vit, image_batches), "bert": (bert, token_batches), "llama": (llama, token_batches)}
+MLP_LAYERS = {"vit": ("mlp.fc1",), "bert": ("intermediate.dense",), "llama": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def widths(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+# --- named-input batches ---------------------------------------------------------------------------------------
+
+def test_dict_batches_give_named_inputs_and_labels():
+    batch = token_batches()[0]
+    x = inputs_of(batch)
+    assert sorted(x) == ["attention_mask", "input_ids"] and labels_of(batch) is batch["labels"]
+    assert rows(x) == 8 and rows(first_rows(x, 3)) == 3 and rows(concat_rows([x, x])) == 16
+    assert [rows(part) for part in split_rows(x, 3)] == [3, 3, 2]
+    with pytest.raises(CompressError, match="disagree on the number of samples"):
+        rows({"input_ids": torch.zeros(2, 4), "attention_mask": torch.zeros(3, 4)})
+
+
+def test_calibration_takes_dict_batches_and_dict_datasets():
+    batches = token_batches()
+    taken = list(calibration(batches, num_samples=12))
+    assert [rows(x) for x in taken] == [8, 4] and "labels" not in taken[0]
+    assert torch.equal(taken[1]["input_ids"], batches[1]["input_ids"][:4])
+
+    class Tokenized(torch.utils.data.Dataset):  # a map-style dataset of dict items (a datasets.Dataset's shape)
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": torch.full((LENGTH,), i), "attention_mask": torch.ones(LENGTH), "labels": torch.tensor(i % 3)}
+
+    labelled = list(calibration(Tokenized(), num_samples=10, batch_size=4, with_labels=True))
+    assert [rows(x) for x, _ in labelled] == [4, 4, 2] and labelled[0][1].tolist() == [0, 1, 2, 0]
+
+
+def test_prediction_of_a_language_model_is_the_last_attended_position():
+    model, batch = llama(), token_batches()[0]
+    x = inputs_of(batch)
+    with torch.no_grad():
+        logits = model(**x).logits  # (samples, positions, vocabulary)
+        got = predict(model, x)
+    last = x["attention_mask"].sum(1) - 1  # right padding
+    assert torch.equal(got, logits[torch.arange(8), last])
+    left = {"attention_mask": x["attention_mask"].flip(1)}  # left padding: the last position is attended
+    assert torch.equal(prediction(type("Out", (), {"logits": logits})(), left), logits[:, -1])
+
+
+# --- the adapter ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_identifies_and_rebuilds_from_the_config(family):
+    build, _ = FAMILIES[family]
+    model = build()
+    adapter = adapter_for(model)
+    assert isinstance(adapter, HuggingFaceAdapter)
+    spec = adapter.identify(model)
+    assert spec.arch == f"hf:{type(model).__name__}" and spec.adapter == "transformers"
+    assert spec.input_shape == ((1, 28, 28) if family == "vit" else (16,))  # sequence: min(32, positions)
+    rebuilt = adapter.rebuild(spec)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    example = adapter.example_inputs(model, batch=2)
+    assert rows(example) == 2 and adapter.input_spec(model).names == (("pixel_values",) if family == "vit"
+                                                                       else ("input_ids", "attention_mask"))
+
+
+def test_bad_inputs_are_one_line_errors():
+    model, adapter = bert(), HuggingFaceAdapter()
+    with pytest.raises(CompressError, match="takes named inputs with 'input_ids'"):
+        adapter.check_inputs(model, {"attention_mask": torch.ones(2, 4)})
+    with pytest.raises(CompressError, match="takes named inputs with 'input_ids', got a Tensor"):
+        adapter.check_inputs(model, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(CompressError, match="17 tokens are longer than the 16 positions.*truncate to at most 16"):
+        adapter.check_inputs(model, {"input_ids": torch.zeros(2, 17, dtype=torch.long)})
+    with pytest.raises(CompressError, match=r"pixel_values of shape \(2, 3, 28, 28\).*\(N, 1, H, W\)"):
+        adapter.check_inputs(vit(), {"pixel_values": torch.zeros(2, 3, 28, 28)})
+    with pytest.raises(CompressError, match="calibration batch 0: .*17 tokens"):  # found before any pruning work
+        prune(model, [{"input_ids": torch.zeros(2, 17, dtype=torch.long)}], criterion="l1", progress=False)
+
+
+# --- pruning ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("criterion", ["l1", "jbr"])
+def test_mlp_channels_pruned_to_the_target_and_reloaded(family, criterion, tmp_path):
+    build, data = FAMILIES[family]
+    torch.manual_seed(0)
+    model, batches = build(), data()
+    result = prune(model, batches, criterion=criterion, target=Target(macs=0.8), steps=1, progress=False)
+    assert abs(result.macs_ratio - 0.8) <= 0.02
+    before, after = widths(model), widths(result.model)
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed and all(n.endswith(MLP_LAYERS[family]) or n == "bert.pooler.dense" for n in changed)
+    if family == "llama":  # gate and up projections lose the same channels
+        assert all(after[n] == after[n.replace("gate_proj", "up_proj")] for n in changed if "gate_proj" in n)
+    example = HuggingFaceAdapter().example_inputs(result.model)
+    assert count_macs_params(result.model, example)[0] == result.macs_after
+    save(result.model, tmp_path / "pruned.pt")
+    back = load(tmp_path / "pruned.pt")
+    x = inputs_of(batches[0])
+    with torch.no_grad():
+        torch.testing.assert_close(predict(back, x), predict(result.model, x), rtol=0, atol=0)
+
+
+def test_jbr_on_token_sequences_equals_brute_force_per_sample_derivatives():
+    """Llama (float64, padded batches): the JBR score of each MLP channel c is E_x[(∂/∂γ m(x)ᵀ f(x))²] with γ
+    scaling channel c of both gate_proj and up_proj at every position, f the last attended position's logits."""
+    torch.manual_seed(0)
+    model = llama().double()
+    batches = token_batches()
+    imp = criteria.get("jbr", batches)
+    adapter = adapter_for(model)
+    example = adapter.example_inputs(model)
+    graph = adapter.pruning_graph(model, adapter.dependency_graph(model, example))
+    mlp = model.model.layers[1].mlp
+    group = graph.get_pruning_group(mlp.up_proj, tp.prune_linear_out_channels, list(range(64)))
+    scores = imp(group).double()
+
+    params = [mlp.gate_proj.weight, mlp.up_proj.weight]
+    derivatives = []
+    for batch in batches:
+        x = inputs_of(batch)
+        with torch.no_grad():
+            classes = predict(model, x).argmax(1)
+        for i in range(8):
+            one = {k: v[i:i + 1] for k, v in x.items()}
+            grads = torch.autograd.grad(predict(model, one)[0, classes[i]], params)
+            derivatives.append(sum((p * g).sum(1) for p, g in zip(params, grads)))
+    expected = (torch.stack(derivatives) ** 2).mean(0)
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-12)
+
+
+# --- bits, quantization -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bit_plan_and_quantization_of_every_linear(family):
+    build, data = FAMILIES[family]
+    torch.manual_seed(0)
+    model, batches = build(), data()
+    plan = plan_bits(model, batches, budget=Budget(avg_bits=6))
+    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert set(plan.layers) == layers  # every Linear a candidate (and ViT's patch embedding, a Conv2d)
+    assert 5.0 <= plan.avg_bits <= 6.0 + 1e-9
+    quantized = quantize(model, plan)
+    comparison = compare(quantized, model, [inputs_of(b) for b in batches])
+    assert comparison.agreement >= 0.75 and comparison.total == SAMPLES
