@@ -110,10 +110,14 @@ def prediction(output: Any, x: Inputs) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor):
         raise CompressError(f"the model returned {type(output).__name__}, not a tensor or an output with logits",
                             "wrap the model so that it returns its logits")
-    if logits.dim() == 3 and not isinstance(output, torch.Tensor):
-        index = last_positions(x, logits.shape[1]).to(logits.device)
-        return logits[torch.arange(len(logits), device=logits.device), index]
-    return logits
+    return at_last_positions(logits, x) if logits.dim() == 3 and not isinstance(output, torch.Tensor) else logits
+
+
+def at_last_positions(logits: torch.Tensor, x: Inputs) -> torch.Tensor:
+    """(samples, outputs): each sample's logits at its last attended position (see :func:`last_positions`) of
+    per-position ``logits`` (samples, positions, outputs)."""
+    index = last_positions(x, logits.shape[1]).to(logits.device)
+    return logits[torch.arange(len(logits), device=logits.device), index]
 
 
 def predict(model: nn.Module, x: Inputs) -> torch.Tensor:

@@ -16,16 +16,20 @@ from exporters import export_onnx
 from exporters.check import open_runner
 from exporters.runtimes import latency_ms
 
+from .batches import first_rows, is_named, map_tensors
 
-def onnx_latency_ms(model: nn.Module, example_inputs: torch.Tensor, *, batch_size: int = 1, runs: int = 20,
+
+def onnx_latency_ms(model: nn.Module, example_inputs: Any, *, batch_size: int = 1, runs: int = 20,
                     threads: int = 2, **export_options: Any) -> float:
     """Median milliseconds per onnxruntime CPU run of ``model`` exported by ``export_onnx`` (fp32, BN folded, unless
     ``export_options`` say otherwise, e.g. ``activations="int8"``) on a batch of ``batch_size`` inputs shaped like
     ``example_inputs``, after warm-up, with ``threads`` intra-op threads."""
     with tempfile.TemporaryDirectory(prefix="compress-latency-") as folder:
         path = Path(folder) / "model.onnx"
-        export_onnx(model, example_inputs[:1].detach().cpu(), path, **export_options)
-        return latency_ms(open_runner(path, "onnxruntime", threads), batch_size, runs)
+        example = map_tensors(first_rows(example_inputs, 1), lambda t: t.detach().cpu())
+        export_onnx(model, example, path, **export_options)
+        feed = {k: v.numpy() for k, v in example.items()} if is_named(example) else None  # token ids: time these
+        return latency_ms(open_runner(path, "onnxruntime", threads), batch_size, runs, feed)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import onnx
 import torch
 from torch import nn
 
+from compress.batches import Inputs, at_last_positions, is_named, rows
 from compress.data import inputs_of, labels_of
 from compress.errors import CompressError
 from compress.evaluate import predict
@@ -73,8 +74,8 @@ def _read_model(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf raises DecodeError, onnx raises ValueError/OSError for bad files
         raise CompressError(f"{path} is not an ONNX model ({type(err).__name__})", "pass a .onnx file written by export_onnx") from err
-    if not model.graph.node or len(model.graph.input) != 1 or len(model.graph.output) < 1:
-        raise CompressError(f"{path} is not an ONNX classifier with one input", "pass a .onnx file written by export_onnx")
+    if not model.graph.node or not model.graph.input or not model.graph.output:
+        raise CompressError(f"{path} is not an ONNX model with inputs and outputs", "pass a .onnx file written by export_onnx")
     return model
 
 
@@ -117,6 +118,24 @@ def _fit(x: torch.Tensor, shape: tuple[int | None, ...], path: Path) -> np.ndarr
         raise CompressError(f"inputs of shape {tuple(x.shape)} do not fit {path.name}, which expects {expected}",
                             "pass data of the shape the model was exported with")
     return x.detach().float().cpu().numpy()
+
+
+def _fit_named(x: Inputs, runner: Runner, path: Path) -> dict[str, np.ndarray]:
+    """Named inputs as numpy arrays in the file's input dtypes, or a CompressError naming a missing input or a
+    rank that does not fit."""
+    if not is_named(x):
+        raise CompressError(f"{path.name} takes named inputs ({', '.join(runner.inputs)}), got one tensor",
+                            "pass dict batches (a tokenizer's output)")
+    feed = {}
+    for name, (shape, dtype) in runner.inputs.items():
+        if name not in x:
+            raise CompressError(f"the data has no input {name!r}, which {path.name} takes (got {', '.join(x)})",
+                                f"pass batches with {', '.join(runner.inputs)}")
+        if x[name].dim() != len(shape):
+            raise CompressError(f"input {name!r} of shape {tuple(x[name].shape)} does not fit {path.name}, which expects "
+                                f"{len(shape)} dimensions", "pass data of the shape the model was exported with")
+        feed[name] = x[name].detach().cpu().numpy().astype(dtype)
+    return feed
 
 
 def _random_batches(shape: tuple[int | None, ...], seed: int = 0) -> list[torch.Tensor]:
@@ -173,12 +192,17 @@ def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Itera
     for m in models:
         m.eval()
     total = correct = ref_same = dense_same = 0
+    example = None  # the first batch's named inputs: what a file with token inputs is timed on
     labelled = data is not None
     max_abs = max_ref = kl = 0.0
     try:
         for batch in batches:
             x, labels = inputs_of(batch), labels_of(batch)
-            out = torch.from_numpy(runner(_fit(x, shape, path))).float()
+            feed = _fit_named(x, runner, path) if runner.named else _fit(x, shape, path)
+            example = example if example is not None or not runner.named else feed
+            out = torch.from_numpy(runner(feed)).float()
+            if out.dim() == 3 and is_named(x):  # a language model's logits per position: the next token's
+                out = at_last_positions(out, x)
             pred = out.argmax(1)
             if labels is None:
                 labelled = False
@@ -193,7 +217,7 @@ def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Itera
                 den = _logits(dense, x)
                 dense_same += int((pred == den.argmax(1)).sum())
                 kl += float(torch.nn.functional.kl_div(out.log_softmax(1), den.log_softmax(1), log_target=True, reduction="sum"))
-            total += len(x)
+            total += rows(x)
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
@@ -217,11 +241,11 @@ def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Itera
         report.dense_agreement, report.dense_kl = dense_same / total, kl / total
         if min_dense_agreement is not None and report.dense_agreement < min_dense_agreement:
             report.failures.append(f"agreement with the dense model {report.dense_agreement:.4f} < {min_dense_agreement}")
-    report.latency_ms = {bs: latency_ms(runner, bs, latency_runs) for bs in batch_sizes}
+    report.latency_ms = {bs: latency_ms(runner, bs, latency_runs, example) for bs in batch_sizes}
     report.default_latency_ms = report.latency_ms
     if qdq_disabled:  # the tuned session differs from a default one: time that too
         default = open_runner(path, runtime, threads, tuned=False)
-        report.default_latency_ms = {bs: latency_ms(default, bs, latency_runs) for bs in batch_sizes}
+        report.default_latency_ms = {bs: latency_ms(default, bs, latency_runs, example) for bs in batch_sizes}
     report.passed = not report.failures
     return report
 

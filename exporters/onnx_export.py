@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import onnx_ir as ir
-import torch
 from torch import nn
 
 from compress.atomic import refuse_existing
+from compress.batches import Inputs, is_named
 from compress.backends.candidates import FLOAT as FLOAT_BITS
 from compress.errors import CompressError
 from compress.fold import fold_batchnorm
 from compress.nn_helpers import per_sample_outputs
 
-from .onnx_graph import (METADATA_PREFIX, MIN_OPSET, SINGLE_FILE_LIMIT_BYTES, example_tensor, export_graph,
+from .onnx_graph import (METADATA_PREFIX, MIN_OPSET, SINGLE_FILE_LIMIT_BYTES, example_batch, export_graph,
                          metadata_props, save)
 from .packed import QuantizedWeight, float_copy, float_reason, fold_batchnorm_in_place, pack_initializers, quantized_layers
 from .qdq import qdq_weight_bits, quantize_qdq
@@ -55,7 +55,7 @@ def _check_arguments(model: Any, opset: int, activations: str | None, calibratio
         raise CompressError("activations='int8' needs calibration_data", "pass an iterable of input batches, e.g. compress.data.calibration(...)")
 
 
-def _write_qdq(model: nn.Module, graph: ir.Model, example: torch.Tensor, target: Path, opset: int,
+def _write_qdq(model: nn.Module, graph: ir.Model, example: Inputs, target: Path, opset: int,
                plan: Mapping[str, int], calibration_data: Iterable[Any], metadata: dict | None, in_scales: list[str],
                overwrite: bool) -> ExportResult:
     """The static int8 QDQ file of the float ``graph``."""
@@ -73,7 +73,7 @@ FOLDED = ("computed from constants only (e.g. Swin V2's position-bias MLP on its
           "folded it into a constant that holds its quantized result")
 
 
-def layers_not_in_file(model: nn.Module, example: torch.Tensor, layers: Mapping[str, nn.Module]) -> dict[str, str]:
+def layers_not_in_file(model: nn.Module, example: Inputs, layers: Mapping[str, nn.Module]) -> dict[str, str]:
     """The ``layers`` whose weights the exported graph cannot hold, with the reason: those an eval-mode forward never
     calls (GoogLeNet's and Inception's auxiliary heads) and those whose output has no batch dimension (found on
     two copies of ``example``), which the exporter constant-folds."""
@@ -81,7 +81,7 @@ def layers_not_in_file(model: nn.Module, example: torch.Tensor, layers: Mapping[
     return {name: NOT_RUN if name not in per_sample else FOLDED for name in layers if not per_sample.get(name)}
 
 
-def _write_weights(model: nn.Module, graph: ir.Model, example: torch.Tensor, target: Path, opset: int,
+def _write_weights(model: nn.Module, graph: ir.Model, example: Inputs, target: Path, opset: int,
                    packs: Mapping[str, QuantizedWeight], layers: Mapping[str, nn.Module], not_in_file: dict[str, str],
                    metadata: dict | None, in_scales: list[str], overwrite: bool) -> ExportResult:
     """The fp32 file, or the weight-only packed one when the model has torchao weights (``packs``); layers whose
@@ -102,7 +102,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
                 weight_bits: Mapping[str, int] | None = None, overwrite: bool = False) -> ExportResult:
     """Write ``model`` as one ONNX file at ``path`` (see the module docstring for the three kinds of file).
 
-    ``example_inputs``: one input tensor (batch, C, H, W); the batch dimension is exported dynamic.
+    ``example_inputs``: one input tensor (batch, C, H, W), or a dict of named input tensors (a tokenized batch,
+    ``pixel_values``); the batch dimension (and a text model's sequence) is exported dynamic.
     ``metadata``: extra metadata_props (criterion, target, bit plan, ...); non-string values are stored as JSON.
     ``activations="int8"``: static int8 QDQ, calibrated on ``calibration_data`` (input batches); ``weight_bits``
     (layer name -> bits, 16 = keep in float) overrides the bits, which default to the torchao model's own (its float
@@ -110,7 +111,10 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     """
     target = refuse_existing(path, overwrite)
     _check_arguments(model, opset, activations, calibration_data, weight_bits)
-    example = example_tensor(example_inputs)
+    example = example_batch(example_inputs)
+    if activations == "int8" and is_named(example):
+        raise CompressError("int8 activations (static QDQ) are not supported for models with named inputs yet",
+                            "export the weight-only file: compress.quantize, then export_onnx without activations")
     float_model, packs = float_copy(model)
     in_scales = fold_batchnorm_in_place(float_model, packs)
     layers = {n: m for n, m in float_model.named_modules() if isinstance(m, LAYER_TYPES)}

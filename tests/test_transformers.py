@@ -13,13 +13,14 @@ from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig
                           ViTForImageClassification)
 
 import criteria
-from compress import Budget, CompressError, load, plan_bits, quantize, save
+from compress import Budget, CompressError, check, load, plan_bits, quantize, save
 from compress.adapters import HuggingFaceAdapter, adapter_for
 from compress.batches import concat_rows, first_rows, predict, prediction, rows, split_rows
 from compress.data import calibration, inputs_of, labels_of
 from compress.evaluate import compare
 from compress.macs import count_macs_params
 from compress.prune import Target, prune
+from exporters import export_onnx
 
 VOCAB, LENGTH, SAMPLES = 50, 10, 24
 
@@ -205,3 +206,56 @@ def test_bit_plan_and_quantization_of_every_linear(family):
     quantized = quantize(model, plan)
     comparison = compare(quantized, model, [inputs_of(b) for b in batches])
     assert comparison.agreement >= 0.75 and comparison.total == SAMPLES
+
+
+# --- ONNX export and check -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pruned_quantized() -> dict[str, tuple[nn.Module, nn.Module, list]]:
+    """Each family pruned to 0.8 MACs with JBR and quantized to a 6-bit plan: (dense, quantized, batches)."""
+    out = {}
+    for family, (build, data) in FAMILIES.items():
+        torch.manual_seed(0)
+        dense, batches = build(), data()
+        pruned = prune(dense, batches, criterion="jbr", target=Target(macs=0.8), steps=1, progress=False).model
+        out[family] = (dense, quantize(pruned, plan_bits(pruned, batches, budget=Budget(avg_bits=6))), batches)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_onnx_with_named_inputs_matches_in_onnxruntime(family, pruned_quantized, tmp_path):
+    import onnx
+
+    dense, quantized, batches = pruned_quantized[family]
+    path = tmp_path / f"{family}.onnx"
+    result = export_onnx(quantized, inputs_of(batches[0]), path)
+    assert result.weights == "packed" and len(result.packed) >= 10
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = [i.name for i in graph.input]
+    assert names == (["pixel_values"] if family == "vit" else ["input_ids", "attention_mask"])
+    if family != "vit":  # batch and sequence are dynamic: a longer, differently padded batch runs too
+        assert all(not d.dim_value for d in graph.input[0].type.tensor_type.shape.dim)
+        batches = batches + [{"input_ids": torch.randint(1, VOCAB, (3, 14)), "attention_mask": torch.ones(3, 14, dtype=torch.long)}]
+    report = check(path, reference=quantized, data=batches, dense=dense, batch_sizes=(1, 4), latency_runs=2)
+    assert report.passed, report.failures
+    assert report.rel_diff <= 1e-4 and report.reference_agreement == 1.0 and report.num_samples == rows_total(batches)
+    assert set(report.latency_ms) == {1, 4}
+
+
+def rows_total(batches: list) -> int:
+    return sum(rows(inputs_of(b)) for b in batches)
+
+
+def test_onnx_bad_inputs_are_one_line_errors(pruned_quantized, tmp_path):
+    _, quantized, batches = pruned_quantized["bert"]
+    path = tmp_path / "bert.onnx"
+    export_onnx(quantized, inputs_of(batches[0]), path)
+    with pytest.raises(CompressError, match="takes named inputs .*got one tensor"):
+        check(path, reference=quantized, data=[torch.zeros(2, 5, dtype=torch.long)])
+    with pytest.raises(CompressError, match="the data has no input 'attention_mask'"):
+        check(path, reference=quantized, data=[{"input_ids": torch.zeros(2, 5, dtype=torch.long)}])
+    with pytest.raises(CompressError, match="dynamic dimensions besides the batch.*data="):
+        check(path, reference=quantized)
+    with pytest.raises(CompressError, match="int8 activations .* named inputs"):
+        export_onnx(quantized, inputs_of(batches[0]), tmp_path / "int8.onnx", activations="int8", calibration_data=batches)
+    assert not (tmp_path / "int8.onnx").exists()

@@ -94,6 +94,10 @@ class ModelAdapter:
         """A context in which torch-pruning traces ``model`` (to build its dependency graph); default: as it is."""
         return contextlib.nullcontext()
 
+    def exporting(self, model: nn.Module) -> ContextManager[None]:
+        """A context in which ``model`` is exported to ONNX (torch.export); default: as it is."""
+        return contextlib.nullcontext()
+
     def unwrapped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, int]]:
         """Parameters outside the layers torch-pruning prunes (layer scales, class tokens, position embeddings), each
         with the dimension that holds its channels; default: the last dimension longer than 1 (C of a (C, 1, 1)

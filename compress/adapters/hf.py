@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch_pruning as tp
@@ -158,9 +158,17 @@ class HuggingFaceAdapter(ModelAdapter):
         kept &= set(per_sample_layers(model, example_inputs))
         return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in kept]
 
-    @contextlib.contextmanager
-    def tracing(self, model: nn.Module) -> Iterator[None]:
+    def tracing(self, model: nn.Module) -> ContextManager[None]:
         """Without a key/value cache (a language model's cache object is no tensor torch-pruning can trace)."""
+        return self._without_cache(model)
+
+    def exporting(self, model: nn.Module) -> ContextManager[None]:
+        """Without a key/value cache: the file maps a whole sequence to its logits (no cache inputs or outputs)."""
+        return self._without_cache(model)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _without_cache(model: nn.Module) -> Iterator[None]:
         config = model.config
         use_cache = getattr(config, "use_cache", None)
         if use_cache is not None:

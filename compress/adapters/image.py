@@ -22,7 +22,6 @@ from ..batches import predict
 from ..data import inputs_of
 from ..nn_helpers import on_model
 from ..errors import CompressError
-from ..quiet import quiet_third_party
 from ..small_resnet import SmallResNet
 from .base import InputSpec, ModelAdapter
 from .fixed_views import has_fixed_channel_views, layers_into_fixed_views
