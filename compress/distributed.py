@@ -5,7 +5,8 @@ without torchrun. Under ``torchrun`` (or any initialised group: gloo on CPU, NCC
 shard of a dataset (:func:`rank_share`), every statistic a criterion or BN recalibration gathers is summed across ranks
 (:func:`all_reduce_sum`), so scores, pruning decisions and bit plans equal those of one process on the union of the
 shards, and :func:`agree` checks cheaply that every rank holds the same thing (a checksum all-gather), failing
-with a one-line error naming what differs.
+with a one-line error naming what differs. Measurements (latencies) run on rank 0 alone and are broadcast
+(:func:`on_main`). A rank that waits for a failed one gives up after the process group's timeout.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import zlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -111,3 +112,30 @@ def agree(value: Any, what: str, fix: str) -> None:
     values = [int(g.item()) for g in gathered]
     if len(set(values)) > 1:
         raise CompressError(f"the ranks differ in {what} (checksums {', '.join(map(str, values))})", fix)
+
+
+T = TypeVar("T")
+
+
+def on_main(compute: Callable[[], T]) -> T:
+    """``compute()`` run on rank 0 only and its result sent to every rank (a measurement that must not differ
+    between ranks, such as a latency, and that would only be slowed down by running on all of them at once). When
+    it raises a CompressError on rank 0, every rank raises that one-line error; other errors on rank 0 reach the
+    others as a CompressError naming them. In one process: ``compute()``."""
+    if not is_distributed():
+        return compute()
+    payload: list[Any] = [None]
+    if is_main():
+        try:
+            payload = [("ok", compute())]
+        except CompressError as err:
+            payload = [("error", err.problem, err.fix)]
+        except Exception as err:
+            payload = [("error", f"rank 0 failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}",
+                        "see rank 0's output")]
+            dist.broadcast_object_list(payload, src=0)
+            raise
+    dist.broadcast_object_list(payload, src=0)
+    if payload[0][0] == "error":
+        raise CompressError(payload[0][1], payload[0][2])
+    return payload[0][1]

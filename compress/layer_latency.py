@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .backends.candidates import FLOAT
+from .distributed import on_main
 from .latency import onnx_latency_ms
 
 
@@ -92,7 +93,13 @@ def _time_layer(layer: nn.Module, shape: tuple[int, ...], bits: int, batch_size:
 def layer_latency_table(model: nn.Module, example_inputs: torch.Tensor, candidates: Sequence[int] = (4, 8, FLOAT), *,
                         batch_size: int = 1, threads: int = 2, runs: int = 20,
                         layers: Sequence[str] | None = None) -> LatencyTable:
-    """Time every Conv2d/Linear (or the named ``layers``) of ``model`` at every candidate bit-width (see module doc)."""
+    """Time every Conv2d/Linear (or the named ``layers``) of ``model`` at every candidate bit-width (see module doc).
+    Under torch.distributed rank 0 times them and sends the table to every rank (one plan on all of them)."""
+    return on_main(lambda: _measured_table(model, example_inputs, candidates, batch_size, threads, runs, layers))
+
+
+def _measured_table(model: nn.Module, example_inputs: torch.Tensor, candidates: Sequence[int], batch_size: int,
+                    threads: int, runs: int, layers: Sequence[str] | None) -> LatencyTable:
     shapes = _input_shapes(model, example_inputs)
     modules = dict(model.named_modules())
     names = list(layers) if layers is not None else list(shapes)

@@ -88,6 +88,18 @@ def fingerprint(model: nn.Module) -> tuple:
     return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
 
+def tied_weights(model: nn.Module, layers: Mapping[str, nn.Module]) -> dict[str, str]:
+    """For each of ``layers`` whose weight another module of ``model`` also holds (a language model's output head
+    tied to its input embedding), the name of that other module."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners.setdefault(id(weight), []).append(name)
+    return {name: next(o for o in owners[id(m.weight)] if o != name) for name, m in layers.items()
+            if len(owners.get(id(m.weight), [])) > 1}
+
+
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule called ``name`` (dotted path) by ``module``."""
     parent, _, leaf = name.rpartition(".")

@@ -25,6 +25,7 @@ from .data import CalibrationData, calibration
 from .distributed import agree
 from .errors import CompressError
 from .macs import layer_macs
+from .nn_helpers import tied_weights
 from .planning.allocators import ALLOCATION_STRATEGIES, Allocation
 from .planning.costs import CostInputs, make_cost, latency_table_for, restrict_to_timed
 from .planning.hawq import hawq_scores
@@ -77,13 +78,17 @@ def _check_float8(candidates: Sequence[Choice], capability: tuple[int, int] | No
 
 
 def _layer_options(layers: dict[str, nn.Module], quant: list[Choice], candidates: Sequence[Choice],
-                   keep_float: Sequence[str], backend: QuantBackend, group_size: int | None, mapping: str):
+                   keep_float: Sequence[str], backend: QuantBackend, group_size: int | None, mapping: str,
+                   tied: dict[str, str]):
     """Per layer: the candidates its backend accepts (fewest bits first, FLOAT last when a candidate), the ones it
-    refuses and why, the config of each accepted one, and why a layer is fixed in float (none accepted, or asked)."""
+    refuses and why, the config of each accepted one, and why a layer is fixed in float (none accepted, asked, or
+    its weight ``tied`` to another module's)."""
     unknown = [n for n in keep_float if n not in layers]
     if unknown:
         raise CompressError(f"keep_float names unknown layers {unknown}", "use Conv2d/Linear names from model.named_modules()")
     notes: dict[str, str] = {n: "kept in float on request" for n in keep_float}
+    notes.update({n: f"its weight is tied to {other}'s (quantizing it would change both): kept in float"
+                  for n, other in tied.items() if n not in notes})
     excluded: dict[str, dict[Choice, str]] = {n: {} for n in layers}
     configs: dict[tuple[str, Choice], LayerConfig] = {}
     for n, m in layers.items():
@@ -149,9 +154,10 @@ def plan_bits(model: nn.Module, data: Iterable[Any], budget: Budget = Budget(avg
     backend = backend_for(capability)
     quant = sorted({c for c in candidates if c != FLOAT}, key=order)
     adapter = adapter_for(model)
+    model = adapter.prepared(model)
     layers = adapter.weight_layers(model)
     notes, excluded, configs, options = _layer_options(layers, quant, candidates, keep_float, backend, group_size,
-                                                       mapping)
+                                                       mapping, tied_weights(model, layers))
     if example_inputs is None:
         example_inputs = adapter.example_inputs(model)
     macs = layer_macs(model, example_inputs)

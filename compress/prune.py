@@ -32,7 +32,7 @@ from .adapters.split_order import split_outputs_in_order
 from .batches import first_rows
 from .capped_importance import CappedImportance
 from .data import CalibrationData, calibration
-from .distributed import agree
+from .distributed import agree, on_main
 from .errors import CompressError
 from .macs import count_macs_params
 from .nn_helpers import on_model
@@ -315,9 +315,10 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
     start = time.perf_counter()
     check_finite_weights(model)
     dense = model
-    model = copy.deepcopy(model).eval()
     spec = identify(dense)
     adapter = adapter_for(dense)
+    model = adapter.prepared(dense)  # a copy already when the adapter replaces layers (GPT-2's Conv1D)
+    model = (copy.deepcopy(model) if model is dense else model).eval()
     example = on_model(first_rows(adapter.example_inputs(dense) if example_inputs is None else example_inputs, 1), model)
     name = criterion_name(criterion)
     calib = _calibration(data, criterion, calibration_samples, batch_size, seed)
@@ -384,9 +385,9 @@ def _prune_to_latency(model: nn.Module, data: Iterable[Any], criterion: Any, tar
     if target.activations == "int8":  # the deployed CPU-speed file: int8 QDQ calibrated on (some of) the pruning data
         int8 = {"activations": "int8", "calibration_data": calibration(data, 64, 16, options.get("seed", 0))}
 
-    def measure(net: nn.Module, **export: Any) -> float:
-        return latency.onnx_latency_ms(net, example_inputs, batch_size=target.batch_size, runs=target.runs,
-                                       threads=target.threads, **export)
+    def measure(net: nn.Module, **export: Any) -> float:  # on rank 0, sent to all: every rank takes the same path
+        return on_main(lambda: latency.onnx_latency_ms(net, example_inputs, batch_size=target.batch_size,
+                                                       runs=target.runs, threads=target.threads, **export))
 
     dense_ms = measure(model)
     goal, tol = target.fraction, target.latency_tolerance

@@ -30,6 +30,7 @@ __all__ = ["FLOAT8_MIN_CAPABILITY", "INT4_GROUP_SIZES", "TINYGEMM_MIN_CAPABILITY
 def quantize(model: nn.Module, plan: BitPlan) -> nn.Module:
     """A quantized copy of ``model`` following ``plan``, with the torchao configs of the model's device (see above)."""
     recipe = plan.to_dict()
+    model = adapter_for(model).prepared(model)
     quantized = apply_quantization(model, recipe)
     first = next(model.parameters(), None)
     recipe["quantized_on"] = backend_for(first.device).device_type if first is not None else "cpu"

@@ -97,9 +97,9 @@ def mismatched_targets() -> str:
 
 # --- spawning ------------------------------------------------------------------------------------------------------
 
-def _worker(rank: int, fn: Callable[[], Any], folder: str) -> None:
+def _worker(rank: int, fn: Callable[[], Any], folder: str, timeout_s: float = 120) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+                            timeout=datetime.timedelta(seconds=timeout_s))
     try:
         result: Any = fn()
     except BaseException:  # the test shows the rank's traceback
@@ -109,8 +109,8 @@ def _worker(rank: int, fn: Callable[[], Any], folder: str) -> None:
     torch.save(result, Path(folder) / f"rank{rank}.pt")
 
 
-def _on_two_ranks(fn: Callable[[], Any], tmp_path: Path) -> list[Any]:
-    mp.start_processes(_worker, args=(fn, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+def _on_two_ranks(fn: Callable[[], Any], tmp_path: Path, timeout_s: float = 120) -> list[Any]:
+    mp.start_processes(_worker, args=(fn, str(tmp_path), timeout_s), nprocs=WORLD, start_method="spawn")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r in results:
         assert not (isinstance(r, dict) and "error" in r), r.get("error") if isinstance(r, dict) else r
@@ -160,6 +160,57 @@ def test_ranks_that_disagree_stop_with_one_line(tmp_path) -> None:
     messages = _on_two_ranks(mismatched_targets, tmp_path)
     for message in messages:
         assert message.startswith("the ranks differ in the channels pruned at step 1") and "\n" not in message
+
+
+def measured_on_rank_zero() -> tuple[int, str]:
+    """A measurement that differs per rank: every rank gets rank 0's; an error on rank 0 reaches every rank."""
+    from compress.distributed import on_main
+
+    value = on_main(lambda: dist.get_rank() + 10)
+
+    def fail() -> int:
+        raise CompressError("rank 0 could not time the file", "retry")
+
+    try:
+        on_main(fail)
+    except CompressError as err:
+        return value, str(err)
+    return value, "no error"
+
+
+def latency_tables() -> dict[str, dict[int, float]]:
+    from compress.layer_latency import layer_latency_table
+
+    return layer_latency_table(_model().float(), _example().float(), candidates=(8,), runs=2).ms
+
+
+def one_rank_fails() -> tuple[str, float]:
+    """Rank 1 fails before a collective; rank 0 must not wait for it forever."""
+    import time
+
+    from compress.distributed import all_reduce_sum
+
+    if dist.get_rank() == 1:
+        return "rank 1 stopped", 0.0
+    start = time.perf_counter()
+    try:
+        all_reduce_sum(torch.ones(1))
+    except Exception as err:  # gloo: the peer closed, or the group's timeout expired
+        return f"{type(err).__name__}", time.perf_counter() - start
+    return "no error", time.perf_counter() - start
+
+
+def test_measurements_are_made_on_rank_zero_and_sent_to_every_rank(tmp_path) -> None:
+    for value, error in _on_two_ranks(measured_on_rank_zero, tmp_path):
+        assert value == 10 and error == "rank 0 could not time the file; fix: retry"
+    (tmp_path / "tables").mkdir()
+    tables = _on_two_ranks(latency_tables, tmp_path / "tables")
+    assert tables[0] == tables[1] and set(tables[0]) == {"conv1", "conv2", "conv3", "fc"}
+
+
+def test_a_rank_that_fails_makes_the_others_stop_instead_of_hanging(tmp_path) -> None:
+    stopped, (error, waited) = _on_two_ranks(one_rank_fails, tmp_path, timeout_s=5)[::-1]
+    assert stopped == ("rank 1 stopped", 0.0) and error != "no error" and waited < 30
 
 
 # --- distillation and the recipe --------------------------------------------------------------------------------

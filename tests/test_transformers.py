@@ -259,3 +259,43 @@ def test_onnx_bad_inputs_are_one_line_errors(pruned_quantized, tmp_path):
     with pytest.raises(CompressError, match="int8 activations .* named inputs"):
         export_onnx(quantized, inputs_of(batches[0]), tmp_path / "int8.onnx", activations="int8", calibration_data=batches)
     assert not (tmp_path / "int8.onnx").exists()
+
+
+# --- GPT-2: Conv1D layers ---------------------------------------------------------------------------------------
+
+def gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_gpt2_conv1d_layers_become_equal_linears_through_the_whole_pipeline(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model, batches = gpt2(), token_batches()
+    adapter = adapter_for(model)
+    prepared = adapter.prepared(model)
+    assert prepared is not model and any(isinstance(m, Conv1D) for m in model.modules())  # the user's model untouched
+    assert not any(isinstance(m, Conv1D) for m in prepared.modules())
+    x = inputs_of(batches[0])
+    with torch.no_grad():
+        torch.testing.assert_close(predict(prepared, x), predict(model, x), rtol=1e-6, atol=1e-6)
+
+    result = prune(model, batches, criterion="jbr", target=Target(macs=0.8), steps=1, progress=False)
+    assert abs(result.macs_ratio - 0.8) <= 0.02
+    changed = {l.name for l in result.layers if l.after != l.before}
+    assert changed and all(n.endswith("mlp.c_fc") for n in changed)  # the MLP's hidden channels
+    plan = plan_bits(model, batches, budget=Budget(avg_bits=6))  # the unpruned model: its Conv1D layers planned
+    assert {f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")} <= set(plan.layers)
+    assert plan.bits["lm_head"] == 16 and "tied to transformer.wte's" in plan.layers["lm_head"].note  # reported
+    save(model, tmp_path / "dense.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(predict(load(tmp_path / "dense.pt"), x), predict(model, x), rtol=1e-6, atol=1e-6)
+    pruned = result.model
+    quantized = quantize(pruned, plan_bits(pruned, batches, budget=Budget(avg_bits=6)))
+    export_onnx(quantized, x, tmp_path / "gpt2.onnx")
+    report = check(tmp_path / "gpt2.onnx", reference=quantized, data=batches, batch_sizes=(1,), latency_runs=2)
+    assert report.passed, report.failures

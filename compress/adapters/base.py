@@ -71,6 +71,11 @@ class ModelAdapter:
         """The prediction tensor f(x) of shape (batch, outputs) for ``inputs`` moved to the model's device."""
         raise NotImplementedError
 
+    def prepared(self, model: nn.Module) -> nn.Module:
+        """``model`` in the form the pipeline prunes, plans, quantizes and saves: itself, or a copy with layers the
+        toolkit does not handle replaced by equivalent ones (the same outputs); default: itself."""
+        return model
+
     # --- structure ----------------------------------------------------------------------------------------------
     def weight_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers whose weights are pruned, planned and quantized, by name (default: Conv2d and Linear)."""

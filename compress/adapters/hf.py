@@ -8,6 +8,9 @@ scope (their channels pass through head reshapes and rotary embeddings it cannot
 so the MLP intermediate channels are pruned (``fc1``/``intermediate.dense``, and Llama's ``gate_proj`` with
 ``up_proj``).
 
+GPT-2's ``Conv1D`` layers (Linear layers with transposed weights) become ``nn.Linear`` when a model enters the
+pipeline (:meth:`HuggingFaceAdapter.prepared`), so they are pruned, planned, quantized and exported like any Linear.
+
 A model is identified by its class and config (``arch = "hf:ViTForImageClassification"``, the config as a plain
 dict in the spec's kwargs), and rebuilt from them with fresh weights: no download, no pickled code. The spec's
 ``input_shape`` is one sample's ``(C, H, W)`` for vision and ``(sequence length,)`` for text, the length MACs are
@@ -17,6 +20,7 @@ counted at.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 from typing import Any, ContextManager, Iterator
 
@@ -27,10 +31,10 @@ from torch import nn
 from ..batches import is_named, predict
 from ..data import inputs_of
 from ..errors import CompressError
-from ..nn_helpers import on_model
+from ..nn_helpers import on_model, set_module
 from .base import InputSpec, ModelAdapter
 from .mlp_scope import mlp_expansions, per_sample_layers, views_as_channelwise
-from .spec import ModelSpec, spec_of
+from .spec import ModelSpec, attach_spec, spec_of
 
 ARCH_PREFIX = "hf:"
 OUTPUT_HEADS = ("classifier", "score", "lm_head")  # attribute names of the task heads of transformers' models
@@ -85,6 +89,28 @@ def output_head(model: nn.Module) -> nn.Module | None:
         if isinstance(head, nn.Linear):
             return head
     return None
+
+
+def conv1d_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """GPT-2's ``Conv1D`` layers by name: a Linear whose weight is stored transposed, (in, out)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return {}
+    from transformers.pytorch_utils import Conv1D
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, Conv1D)}
+
+
+def linear_from_conv1d(model: nn.Module) -> nn.Module:
+    """``model`` with every ``Conv1D`` replaced, in place, by the ``nn.Linear`` computing the same outputs
+    (weight transposed, same names), so torch-pruning, torchao and the exporter see ordinary Linear layers."""
+    for name, conv in conv1d_layers(model).items():
+        linear = nn.Linear(conv.nx, conv.nf, device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.t())
+            linear.bias.copy_(conv.bias)
+        set_module(model, name, linear)
+    return model
 
 
 class HuggingFaceAdapter(ModelAdapter):
@@ -147,6 +173,12 @@ class HuggingFaceAdapter(ModelAdapter):
     def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
         return predict(model, on_model(inputs, model))
 
+    def prepared(self, model: nn.Module) -> nn.Module:
+        """A copy with GPT-2's ``Conv1D`` layers as ``nn.Linear`` (see :func:`linear_from_conv1d`), else itself."""
+        if not conv1d_layers(model):
+            return model
+        return attach_spec(linear_from_conv1d(copy.deepcopy(model)), self.identify(model))
+
     # --- structure ----------------------------------------------------------------------------------------------
     def never_pruned(self, model: nn.Module) -> list[nn.Module]:
         head = output_head(model)
@@ -199,4 +231,4 @@ class HuggingFaceAdapter(ModelAdapter):
             raise CompressError(f"transformers {transformers.__version__} has no model class {name}",
                                 "install the transformers version the checkpoint was saved with")
         config = model_class.config_class.from_dict(dict(spec.kwargs["config"]))
-        return self.replay(model_class(config).eval(), spec)
+        return self.replay(linear_from_conv1d(model_class(config).eval()), spec)
