@@ -198,8 +198,8 @@ def check(onnx_path: str | Path, reference: nn.Module | None = None, data: Itera
     try:
         for batch in batches:
             x, labels = inputs_of(batch), labels_of(batch)
-            feed = _fit_named(x, runner, path) if runner.named else _fit(x, shape, path)
-            example = example if example is not None or not runner.named else feed
+            feed = _fit_named(x, runner, path) if is_named(x) or len(runner.inputs) > 1 else _fit(x, shape, path)
+            example = example if example is not None or not is_named(x) else feed
             out = torch.from_numpy(runner(feed)).float()
             if out.dim() == 3 and is_named(x):  # a language model's logits per position: the next token's
                 out = at_last_positions(out, x)

@@ -38,11 +38,6 @@ class Runner:
     def input_shape(self) -> tuple[int | None, ...]:
         return self.inputs[self.input_name][0]
 
-    @property
-    def named(self) -> bool:
-        """Whether the file takes several named inputs (a tokenized batch) rather than one tensor."""
-        return len(self.inputs) > 1 or self.input_name != "input"
-
     def __call__(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
         return self.run(dict(x) if isinstance(x, Mapping) else {self.input_name: x})
 

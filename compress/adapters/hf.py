@@ -148,9 +148,11 @@ class HuggingFaceAdapter(ModelAdapter):
         return inputs_of(batch)
 
     def check_inputs(self, model: nn.Module, inputs: Any) -> None:
-        """Named inputs with the model's main input; a sequence no longer than its position embeddings; images
-        with its channels."""
+        """Named inputs with the model's main input (a vision model also takes an image tensor as its
+        ``pixel_values``); a sequence no longer than its position embeddings; images with its channels."""
         wanted = getattr(model, "main_input_name", "pixel_values" if is_vision(model) else "input_ids")
+        if wanted == "pixel_values" and isinstance(inputs, torch.Tensor):
+            inputs = {wanted: inputs}
         if not is_named(inputs) or wanted not in inputs:
             got = f"keys {sorted(inputs)}" if is_named(inputs) else f"a {type(inputs).__name__}"
             raise CompressError(f"{type(model).__name__} takes named inputs with {wanted!r}, got {got}",
