@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for, identify
+from .adapters.hf import PRESETS as HF_PRESETS, from_pretrained_folder, preset_spec
 from .adapters.image import (LOCAL_ARCHS, LOCAL_INPUT_SHAPES, arch_names, default_input_shape, make_spec,
                              torchvision_archs, torchvision_weights)
 from .adapters.spec import IMAGENET_INPUT_SHAPE, SPEC_ATTR, ModelSpec, attach_spec, spec_of
@@ -68,8 +69,8 @@ def resolve(model: str | os.PathLike | nn.Module, weights: str | os.PathLike | N
             train_config: Any = None, progress: bool = True) -> nn.Module:
     """Return an ``nn.Module`` (with its :class:`ModelSpec` attached) from a name, module or checkpoint.
 
-    ``model``: a torchvision name (``resnet50``), ``small_resnet``, an ``nn.Module`` or a checkpoint path
-    written by :func:`compress.save`. ``weights``: ``None``/``"random"``, a torchvision enum name
+    ``model``: a torchvision name (``resnet50``), ``small_resnet``, an ``nn.Module``, a checkpoint path
+    written by :func:`compress.save`, or a Hugging Face folder written by ``save_pretrained`` (safetensors). ``weights``: ``None``/``"random"``, a torchvision enum name
     (``IMAGENET1K_V2``, ``DEFAULT``), a local file (our checkpoint or a bare state_dict), or ``"train"`` (train
     on the embedded Fashion-MNIST, cached).
     """
@@ -80,11 +81,15 @@ def resolve(model: str | os.PathLike | nn.Module, weights: str | os.PathLike | N
         if weights not in (None, "random"):
             raise CompressError("weights were given for a model object", "load the weights into the module yourself, or pass the model by name")
         return model
+    if isinstance(model, (str, Path)) and (Path(model) / "config.json").is_file():  # a save_pretrained folder
+        if weights not in (None, "random"):
+            raise CompressError("weights were given for a Hugging Face folder that holds its own", "drop --weights")
+        return from_pretrained_folder(model)
     if isinstance(model, Path) or (isinstance(model, str) and (os.sep in model or model.endswith((".pt", ".pth")))):
         if weights not in (None, "random"):
             raise CompressError("weights were given for a checkpoint that holds its own", "drop --weights")
         return load(model)
-    spec = make_spec(str(model), kwargs, input_shape)
+    spec = preset_spec(str(model)) if str(model) in HF_PRESETS else make_spec(str(model), kwargs, input_shape)
     source = "random" if weights is None else str(weights)
     if source == "train":
         return reference_model(spec, train_config or TrainConfig(), progress=progress)

@@ -19,12 +19,16 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from .adapters.spec import ModelSpec
+from .batches import predict
 from .checkpoint import load, save
 from .data import FASHION_MNIST_FILES, FashionMNIST, fashion_mnist_dir, loader
 from .distributed import barrier, is_distributed, is_main
 from .errors import CompressError
 from .evaluate import accuracy
 from .rebuild import build
+
+
+MIN_ONE_CYCLE_STEPS = 8  # fewer steps leave the one-cycle warm-up phase empty (torch divides by zero): constant lr
 
 
 @dataclass(frozen=True)
@@ -76,13 +80,14 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, progress: bool =
     if steps_per_epoch < 1 or config.epochs < 1:
         raise CompressError(f"nothing to train: {len(data)} samples, batch {config.batch_size}, {config.epochs} epochs",
                             "use at least one epoch and a batch size below the data size")
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
-                                                   pct_start=0.25)
+    total = config.epochs * steps_per_epoch
+    schedule = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.25)
+                if total >= MIN_ONE_CYCLE_STEPS else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0))
     model.train()
     bar = tqdm(total=config.epochs * steps_per_epoch, desc="train", unit="step", disable=not progress)
     for epoch in range(config.epochs):
         for x, y in loader(data, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch, drop_last=True):
-            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+            loss = nn.functional.cross_entropy(predict(model, x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -331,3 +331,40 @@ def test_distillation_recovers_a_pruned_transformer_towards_its_dense_model(fami
     losses = distill(student, dense, batches, steps=30, lr=3e-3, progress=False)
     after = compare(student, dense, [inputs_of(b) for b in batches]).kl
     assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses))) and after < 0.7 * before
+
+
+def test_a_save_pretrained_folder_loads_from_safetensors_only(tmp_path, recwarn):
+    from compress.models import resolve
+
+    torch.manual_seed(0)
+    model = bert()
+    model.save_pretrained(tmp_path / "bert")
+    loaded = resolve(str(tmp_path / "bert"))
+    x = inputs_of(token_batches()[0])
+    with torch.no_grad():
+        torch.testing.assert_close(predict(loaded, x), predict(model, x), rtol=0, atol=0)
+    assert adapter_for(loaded).identify(loaded).weights == str(tmp_path / "bert") and not loaded.training
+    assert not [w for w in recwarn if "transformers" in str(w.filename)]  # a normal load prints no warning
+    for f in (tmp_path / "bert").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(CompressError, match="holds no .safetensors weights"):
+        resolve(str(tmp_path / "bert"))
+
+
+def test_the_vit_preset_builds_trains_and_caches_as_a_transformers_model(tmp_path, monkeypatch):
+    """``resolve("vit_fmnist", "train")``: a transformers ViT trained on Fashion-MNIST and cached like the CNNs
+    (a few steps on a subset here; the benchmark trains the full model)."""
+    from compress.models import resolve
+    from compress.train import TrainConfig
+
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path))
+    model = resolve("vit_fmnist", "train", train_config=TrainConfig(epochs=1, train_samples=256, batch_size=64),
+                    progress=False)
+    spec = adapter_for(model).identify(model)
+    assert isinstance(model, ViTForImageClassification) and spec.arch == "hf:ViTForImageClassification"
+    assert model.config.patch_size == 7 and spec.weights.startswith("train:fashion-mnist:")
+    cached = list(tmp_path.glob("*.pt"))
+    assert len(cached) == 1 and load(cached[0]).config.hidden_size == 64
+    again = resolve("vit_fmnist", "train", train_config=TrainConfig(epochs=1, train_samples=256, batch_size=64),
+                    progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))

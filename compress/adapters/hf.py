@@ -11,7 +11,8 @@ so the MLP intermediate channels are pruned (``fc1``/``intermediate.dense``, and
 GPT-2's ``Conv1D`` layers (Linear layers with transposed weights) become ``nn.Linear`` when a model enters the
 pipeline (:meth:`HuggingFaceAdapter.prepared`), so they are pruned, planned, quantized and exported like any Linear.
 
-A model is identified by its class and config (``arch = "hf:ViTForImageClassification"``, the config as a plain
+:func:`from_pretrained_folder` loads a local ``save_pretrained`` folder (safetensors only);
+``compress.models.resolve(folder)`` calls it. A model is identified by its class and config (``arch = "hf:ViTForImageClassification"``, the config as a plain
 dict in the spec's kwargs), and rebuilt from them with fresh weights: no download, no pickled code. The spec's
 ``input_shape`` is one sample's ``(C, H, W)`` for vision and ``(sequence length,)`` for text, the length MACs are
 counted at.
@@ -21,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import sys
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, ContextManager, Iterator
 
 import torch
@@ -34,13 +38,30 @@ from ..errors import CompressError
 from ..nn_helpers import on_model, set_module
 from .base import InputSpec, ModelAdapter
 from .mlp_scope import mlp_expansions, per_sample_layers, views_as_channelwise
-from .spec import ModelSpec, attach_spec, spec_of
+from .spec import USER_WEIGHTS, ModelSpec, attach_spec, spec_of
 
 ARCH_PREFIX = "hf:"
 OUTPUT_HEADS = ("classifier", "score", "lm_head")  # attribute names of the task heads of transformers' models
 DEFAULT_SEQUENCE = 32  # tokens per sample in example inputs (and MACs) unless the spec records another length
 TEXT_INPUTS = ("input_ids", "attention_mask")
 VISION_INPUTS = ("pixel_values",)
+
+
+# named configurations of small transformers the toolkit trains on the embedded Fashion-MNIST (benchmarks, recipes)
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit_fmnist": ("ViTForImageClassification", {"image_size": 28, "patch_size": 7, "num_channels": 1,
+                                                  "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+                                                  "intermediate_size": 256, "num_labels": 10}),
+}
+
+
+def preset_spec(name: str) -> ModelSpec:
+    """The spec of preset ``name`` (random weights): a transformers model class and its config."""
+    class_name, options = PRESETS[name]
+    model_class = getattr(_transformers(), class_name)
+    config = model_class.config_class(**options)
+    return ModelSpec(f"{ARCH_PREFIX}{class_name}", {"config": config.to_dict()}, default_input_shape(config), "random",
+                     adapter=HuggingFaceAdapter.name)
 
 
 def _transformers() -> Any:
@@ -111,6 +132,26 @@ def linear_from_conv1d(model: nn.Module) -> nn.Module:
             linear.bias.copy_(conv.bias)
         set_module(model, name, linear)
     return model
+
+
+def from_pretrained_folder(folder: str | os.PathLike) -> nn.Module:
+    """The model a local folder written by ``save_pretrained`` holds: the class its config names, weights from
+    ``.safetensors`` files only (never a pickled ``.bin``), no download; in eval mode, its spec attached."""
+    transformers = _transformers()
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CompressError(f"{folder} has no config.json", "pass a folder written by save_pretrained")
+    if not any(folder.glob("*.safetensors")):
+        raise CompressError(f"{folder} holds no .safetensors weights (pickled .bin files are not loaded)",
+                            "save the model with save_pretrained(folder) (safetensors by default)")
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    names = list(getattr(config, "architectures", None) or [])
+    model_class = getattr(transformers, names[0], None) if names else None
+    if model_class is None:
+        raise CompressError(f"{folder}/config.json names no model class of transformers {transformers.__version__} "
+                            f"(architectures: {names})", "save the model with save_pretrained")
+    model = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+    return attach_spec(model, replace(HuggingFaceAdapter().identify(model), weights=str(folder)))
 
 
 class HuggingFaceAdapter(ModelAdapter):
@@ -223,7 +264,7 @@ class HuggingFaceAdapter(ModelAdapter):
             return recorded
         shape = tuple(input_shape) if input_shape else default_input_shape(model.config)
         return ModelSpec(f"{ARCH_PREFIX}{type(model).__name__}", {"config": model.config.to_dict()}, shape,
-                         "random", adapter=self.name)
+                         USER_WEIGHTS, adapter=self.name)
 
     def rebuild(self, spec: ModelSpec) -> nn.Module:
         transformers = _transformers()

@@ -22,12 +22,20 @@ from ..evaluate import compare
 from ..models import resolve
 from ..prune import Target, prune
 from ..recover import distill, recalibrate_bn
+from ..train import TrainConfig
 from ..output import fmt, machine, markdown_table, mean_std, save_figure, write_json
 
 STAGES = ("pruned", "recal", "distill")
 
 
+ARCHS = ("small_resnet", "vit_fmnist")  # models trained on the embedded Fashion-MNIST (cached)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="small_resnet", choices=ARCHS,
+                   help="vit_fmnist: a transformers ViT (patches of 7), MLP channels pruned")
+    p.add_argument("--train-epochs", type=int, default=None, help="epochs of the dense model's training "
+                   "(default: TrainConfig's); part of its cache key")
     p.add_argument("--criteria", nargs="+", default=criteria.names(), choices=criteria.names())
     p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5, 0.3])
     p.add_argument("--seeds", type=int, default=3)
@@ -41,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    dense = resolve("small_resnet", weights="train")
+    train_config = TrainConfig() if args.train_epochs is None else TrainConfig(epochs=args.train_epochs)
+    dense = resolve(args.arch, weights="train", train_config=train_config)
     train, test_set = FashionMNIST("train"), FashionMNIST("test")
     if args.test_limit:
         test_set = torch.utils.data.Subset(test_set, range(args.test_limit))
@@ -91,7 +100,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, dense_top1: float) -> str:
     header = ["criterion", "MACs", "params", "top-1 pruned", "top-1 BN-recal", "top-1 distilled", "agreement distilled",
               "prune s"]
-    text = [f"Dense top-1 {100 * dense_top1:.2f}%; mean ± std over {args.seeds} seed(s); top-1 in %.\n"]
+    text = [f"{args.arch}: dense top-1 {100 * dense_top1:.2f}%; mean ± std over {args.seeds} seed(s); top-1 in %.\n"]
     for target in args.targets:
         table = []
         for name in args.criteria:
