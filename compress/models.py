@@ -25,7 +25,7 @@ from .errors import CompressError
 from .rebuild import build
 from .train import TrainConfig, reference_model
 
-__all__ = ["IMAGENET_INPUT_SHAPE", "LOCAL_ARCHS", "LOCAL_INPUT_SHAPES", "SPEC_ATTR", "ModelSpec", "arch_names",
+__all__ = ["HF_PRESETS", "IMAGENET_INPUT_SHAPE", "LOCAL_ARCHS", "LOCAL_INPUT_SHAPES", "SPEC_ATTR", "ModelSpec", "arch_names",
            "attach_spec", "build", "default_input_shape", "identify", "make_spec", "pruning_round_to", "resolve",
            "spec_of", "sync_after_pruning", "torchvision_archs", "torchvision_weights"]
 

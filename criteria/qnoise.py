@@ -30,8 +30,8 @@ from compress.data import labels_of
 from compress.errors import CompressError
 from compress.quiet import load_torchao
 
-from .tpv import (DiagHeff, Estimate, Estimator, RatioMean, eval_mode, hutchinson_diag, linearized_tpv, model_inputs,
-                  per_channel, rademacher, select_params, weight_layers)
+from .tpv import (DiagHeff, Estimate, Estimator, RatioMean, differentiable_attention, eval_mode, hutchinson_diag,
+                  linearized_tpv, model_inputs, per_channel, rademacher, select_params, weight_layers)
 
 __all__ = ["TORCHAO_WEIGHT_DTYPES", "MappingName", "QuantSpec", "Validation", "block_length", "fake_quantize",
            "hawq_traces", "hawq_v2", "measured_tpv", "predicted_tpv", "quant_params", "quant_step",
@@ -75,7 +75,7 @@ def hawq_traces(model: nn.Module, data: Iterable[Any], *, params: Sequence[str] 
     selected = {n: t.detach() for n, t in select_params(model, params).items()}
     gen, stats = torch.Generator().manual_seed(seed), {n: RatioMean() for n in selected}
     batches = list(data)
-    with eval_mode(model):
+    with eval_mode(model), differentiable_attention():  # Hessian-vector products: a double backward
         for batch, x in zip(batches, model_inputs(model, batches, num_samples)):
             p = {n: t.clone().requires_grad_(True) for n, t in selected.items()}
             logits = prediction(functional_call(model, p, *call_arguments(x)), x)

@@ -254,10 +254,10 @@ def exact_diag(model: nn.Module, data: Iterable[Any], *, params: Sequence[str] |
 # --- first-order TPV of a deterministic perturbation ---------------------------------------------------------
 
 @contextlib.contextmanager
-def _attention_with_forward_ad() -> Iterator[None]:
-    """Attention kernels that forward-mode AD can differentiate: nn.MultiheadAttention's eval fast path
-    (``_native_multi_head_attention``) off, scaled-dot-product attention on its math backend (the flash kernel has
-    no JVP); both restored afterwards."""
+def differentiable_attention() -> Iterator[None]:
+    """Attention kernels that forward-mode AD and double backward can differentiate: nn.MultiheadAttention's eval
+    fast path (``_native_multi_head_attention``) off, scaled-dot-product attention on its math backend (the CPU
+    flash kernel has no JVP and no derivative of its backward); both restored afterwards."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     previous = torch.backends.mha.get_fastpath_enabled()
@@ -286,7 +286,7 @@ def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, M
     total = int(all_reduce_sum(torch.tensor([sum(rows(x) for x in inputs)])).item())  # every rank's samples
     out: dict[str, dict[Any, float]] = {}
     # the first jvp loads torch decompositions via torch.jit.script (quiet); attention kernels without forward AD off
-    with eval_mode(model), quiet_third_party(), _attention_with_forward_ad():
+    with eval_mode(model), quiet_third_party(), differentiable_attention():
         for name, by_key in deltas.items():
             if not by_key:
                 out[name] = {}

@@ -184,10 +184,11 @@ def test_recipe_file_path_and_bad_toml(tmp_path) -> None:
 
 def test_shipped_recipes_are_valid_and_listed(capsys) -> None:
     names = list_recipes()
-    assert {"fmnist_jbr", "resnet50_jbr", "mobilenet_v2_jbr"} <= set(names)
+    assert {"fmnist_jbr", "vit_fmnist_jbr", "resnet50_jbr", "mobilenet_v2_jbr"} <= set(names)
     for name in names:
         recipe = load_recipe(name)
         assert recipe.description and recipe.prune.criterion
+    assert load_recipe("vit_fmnist_jbr").model.train_epochs == 12  # the model section's own training length
     assert main(["--list"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == len(names)
 

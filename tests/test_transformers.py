@@ -368,3 +368,11 @@ def test_the_vit_preset_builds_trains_and_caches_as_a_transformers_model(tmp_pat
     again = resolve("vit_fmnist", "train", train_config=TrainConfig(epochs=1, train_samples=256, batch_size=64),
                     progress=False)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+
+
+def test_hawq_baseline_plans_a_transformer():
+    """HAWQ-V2's Hessian traces need a double backward through attention (the CPU flash kernel has none)."""
+    torch.manual_seed(0)
+    model, batches = vit(), image_batches()
+    plan = plan_bits(model, batches, budget=Budget(avg_bits=6), allocator="hawq")
+    assert 5.0 <= plan.avg_bits <= 6.0 + 1e-9 and plan.allocator == "hawq"

@@ -25,7 +25,7 @@ from ..data import FashionMNIST, calibration, loader
 from ..errors import CompressError
 from ..evaluate import compare
 from ..latency import torch_latency_ms
-from ..models import resolve
+from ..models import HF_PRESETS, resolve
 from ..output import fmt, machine, markdown_table, save_figure, write_json
 from ..plan import FLOAT, Budget, plan_bits
 from ..prune import Target, prune
@@ -39,7 +39,8 @@ ALLOCATORS = {"tpv": dict(allocator="tpv", predictor="noise"), "tpv-error": dict
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="small_resnet", help="small_resnet or a torchvision classifier, trained on Fashion-MNIST")
+    p.add_argument("--arch", default="small_resnet", help="small_resnet, vit_fmnist (a transformers ViT) or a "
+                   "torchvision classifier, trained on Fashion-MNIST")
     p.add_argument("--image-size", type=int, default=28, help="input side (torchvision archs get 3 channels)")
     p.add_argument("--train-epochs", type=int, default=3)
     p.add_argument("--train-samples", type=int, default=None, help="train on a seeded subset (quick runs); default all 60k")
@@ -59,17 +60,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-limit", type=int, default=None)
 
 
+def _one_channel(arch: str) -> bool:
+    """Whether ``arch`` takes Fashion-MNIST's own single channel (the toolkit's models) rather than RGB."""
+    return arch == "small_resnet" or arch in HF_PRESETS
+
+
 def _data(args: argparse.Namespace, split: str) -> torch.utils.data.Dataset:
-    channels = 1 if args.arch == "small_resnet" else 3
+    channels = 1 if _one_channel(args.arch) else 3
     return FashionMNIST(split, channels=channels, image_size=args.image_size)
 
 
 def _models(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     train_config = TrainConfig(epochs=args.train_epochs, train_samples=args.train_samples,
                                device=None if args.device == "cpu" else args.device)
-    kwargs = {} if args.arch == "small_resnet" else {"num_classes": 10}
-    shape = (1 if args.arch == "small_resnet" else 3, args.image_size, args.image_size)
-    dense = resolve(args.arch, weights="train", kwargs=kwargs, input_shape=shape, train_config=train_config).to(args.device)
+    if args.arch in HF_PRESETS:  # its config fixes the classes and the input
+        dense = resolve(args.arch, weights="train", train_config=train_config).to(args.device)
+    else:
+        kwargs = {} if args.arch == "small_resnet" else {"num_classes": 10}
+        shape = (1 if args.arch == "small_resnet" else 3, args.image_size, args.image_size)
+        dense = resolve(args.arch, weights="train", kwargs=kwargs, input_shape=shape, train_config=train_config).to(args.device)
     models = {"dense": dense}
     if args.pruned:
         train = _data(args, "train")

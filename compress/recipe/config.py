@@ -37,9 +37,10 @@ RECIPES_DIR = _recipes_dir()
 
 @dataclass(frozen=True)
 class ModelSection:
-    arch: str = "small_resnet"  # torchvision name, small_resnet, or a compress checkpoint path
+    arch: str = "small_resnet"  # torchvision name, small_resnet, vit_fmnist, a compress checkpoint or an HF folder
     weights: str = "random"  # random | train | torchvision enum (IMAGENET1K_V2, DEFAULT) | file path
     image_size: int | None = None  # input resolution (default: the architecture's)
+    train_epochs: int | None = None  # epochs when weights = "train" (default: TrainConfig's; part of the cache key)
 
 
 @dataclass(frozen=True)

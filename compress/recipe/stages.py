@@ -175,7 +175,10 @@ class ModelStage(Stage):
         if m.image_size:
             channels = default_input_shape(m.arch, {})[0] if not os.path.exists(m.arch) else 3
             spec_shape = (channels, m.image_size, m.image_size)
-        train_config = TrainConfig(device=recipe.device) if device.type == "cuda" else None  # weights "train"
+        options = {"device": recipe.device} if device.type == "cuda" else {}  # for weights "train"
+        if m.train_epochs is not None:
+            options["epochs"] = m.train_epochs
+        train_config = TrainConfig(**options) if options else None
         dense = resolve(m.arch, None if m.weights == "random" else m.weights, input_shape=spec_shape,
                         train_config=train_config, progress=context.progress)
         dense = dense.to(device).eval()
