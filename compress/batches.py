@@ -8,7 +8,8 @@ works the same on both kinds:
   (:func:`compress.nn_helpers.on_model` moves a batch to the model's device and dtype, token ids kept integer);
 * :func:`call`: ``model(x)`` or ``model(**x)``; :func:`prediction`: the prediction tensor f(x), (samples,
   outputs), of what the model returned (a tensor, or a Hugging Face output's ``logits``; for per-position logits
-  those of the last attended position, the next token of a causal language model); :func:`predict`: both.
+  those of the last attended position, the next token of a causal language model); :func:`predict`: both;
+  :func:`predict_with`: the same with other parameters (``torch.func.functional_call``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .errors import CompressError
 
@@ -123,3 +125,10 @@ def at_last_positions(logits: torch.Tensor, x: Inputs) -> torch.Tensor:
 def predict(model: nn.Module, x: Inputs) -> torch.Tensor:
     """f(x): the prediction tensor of ``model`` on ``x`` (already on its device), see :func:`prediction`."""
     return prediction(call(model, x), x)
+
+
+def predict_with(model: nn.Module, parameters: Any, x: Inputs) -> torch.Tensor:
+    """f(x) with ``parameters`` (a dict by name, or a tuple of dicts) in place of the model's own
+    (``torch.func.functional_call``: differentiable in them, vmap-able), see :func:`prediction`."""
+    args, kwargs = call_arguments(x)
+    return prediction(functional_call(model, parameters, args, kwargs), x)

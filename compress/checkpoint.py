@@ -48,7 +48,8 @@ def save(obj: Any, path: str | os.PathLike, *, overwrite: bool = False, metadata
 
     A module of your own class that compress never pruned or quantized is saved when ``input_shape`` (one
     sample's shape) is given; load it back with ``load(path, model=MyNet())``."""
-    model = adapter_for(_module_of(obj)).prepared(_module_of(obj))  # the form load() rebuilds (GPT-2: Linear)
+    module = _module_of(obj)
+    model = adapter_for(module).prepared(module)  # the form load() rebuilds (GPT-2: Linear)
     spec = identify(model)
     if spec is None and input_shape is not None:
         spec = user_spec(model, tuple(input_shape), adapter_for(model).name)

@@ -84,7 +84,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, progress: bool =
     schedule = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total, pct_start=0.25)
                 if total >= MIN_ONE_CYCLE_STEPS else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0))
     model.train()
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
     for epoch in range(config.epochs):
         for x, y in loader(data, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch, drop_last=True):
             loss = nn.functional.cross_entropy(predict(model, x.to(device)), y.to(device))

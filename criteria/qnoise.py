@@ -21,11 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from compress.backends.intx import (TORCHAO_WEIGHT_DTYPES, MappingName, QuantSpec, block_length, fake_quantize,
                                     quant_params, quant_step, quantization_problems)
-from compress.batches import call_arguments, predict, prediction, rows
+from compress.batches import predict, predict_with, rows
 from compress.data import labels_of
 from compress.errors import CompressError
 from compress.quiet import load_torchao
@@ -78,7 +77,7 @@ def hawq_traces(model: nn.Module, data: Iterable[Any], *, params: Sequence[str] 
     with eval_mode(model), differentiable_attention():  # Hessian-vector products: a double backward
         for batch, x in zip(batches, model_inputs(model, batches, num_samples)):
             p = {n: t.clone().requires_grad_(True) for n, t in selected.items()}
-            logits = prediction(functional_call(model, p, *call_arguments(x)), x)
+            logits = predict_with(model, p, x)
             labels = labels_of(batch)
             y = logits.argmax(1).detach() if labels is None else labels[: rows(x)].to(logits.device)
             grads = torch.autograd.grad(F.cross_entropy(logits, y), list(p.values()), create_graph=True)

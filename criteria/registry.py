@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from compress.batches import call_arguments, map_tensors, predict, prediction, rows, split_rows
+from compress.batches import map_tensors, predict, predict_with, rows, split_rows
 from compress.data import inputs_of
 from compress.distributed import all_reduce_sum, all_reduce_sums
 from compress.errors import CompressError
@@ -126,13 +126,13 @@ class HessianImportance(_GradientStatistic, tp.importance.GroupHessianImportance
 
     @staticmethod
     def _vmapped(model: nn.Module, params: dict[str, nn.Parameter], x: Any) -> dict[str, Tensor]:
-        from torch.func import functional_call, grad, vmap
+        from torch.func import grad, vmap
 
         fixed = {**{n: p.detach() for n, p in model.named_parameters() if n not in params}, **dict(model.named_buffers())}
 
         def loss(weights: dict[str, Tensor], xi: Any) -> Tensor:
             one = map_tensors(xi, lambda t: t[None])
-            return _own_prediction_loss(prediction(functional_call(model, (weights, fixed), *call_arguments(one)), one))
+            return _own_prediction_loss(predict_with(model, (weights, fixed), one))
 
         per_sample = vmap(grad(loss), in_dims=(None, 0))
         detached = {n: p.detach() for n, p in params.items()}

@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import grad, jacrev, jvp, vmap
 
-from compress.batches import Inputs, call_arguments, first_rows, map_tensors, predict, prediction, rows, split_rows
+from compress.batches import Inputs, first_rows, map_tensors, predict, predict_with, rows, split_rows
 from compress.data import iter_inputs
 from compress.distributed import all_reduce_sum, all_reduce_sums, is_distributed
 from compress.errors import CompressError
@@ -141,7 +141,7 @@ class DiagHeff:
 def _output_fn(model: nn.Module, params: dict[str, Tensor]) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
     """f(params, x) → logits of shape (batch, K), other parameters and buffers taken from ``model``."""
     def f(p: dict[str, Tensor], x: Inputs) -> Tensor:
-        return prediction(functional_call(model, p, *call_arguments(x)), x).reshape(rows(x), -1)
+        return predict_with(model, p, x).reshape(rows(x), -1)
     return f
 
 
@@ -296,7 +296,7 @@ def linearized_tpv(model: nn.Module, data: Iterable[Any], deltas: Mapping[str, M
             tangents = torch.stack([by_key[k].to(w) for k in keys])
 
             def jvp_sq(x: Inputs, t: Tensor) -> Tensor:
-                f = lambda v: prediction(functional_call(model, {name: v}, *call_arguments(x)), x).reshape(rows(x), -1)  # noqa: E731
+                f = lambda v: predict_with(model, {name: v}, x).reshape(rows(x), -1)  # noqa: E731
                 return jvp(f, (w,), (t,))[1].double().pow(2).sum()
 
             sums = torch.zeros(len(keys), dtype=torch.float64, device=w.device)

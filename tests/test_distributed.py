@@ -97,9 +97,9 @@ def mismatched_targets() -> str:
 
 # --- spawning ------------------------------------------------------------------------------------------------------
 
-def _worker(rank: int, fn: Callable[[], Any], folder: str, timeout_s: float = 120) -> None:
+def _worker(rank: int, fn: Callable[[], Any], folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                            timeout=datetime.timedelta(seconds=120))
     try:
         result: Any = fn()
     except BaseException:  # the test shows the rank's traceback
@@ -109,8 +109,8 @@ def _worker(rank: int, fn: Callable[[], Any], folder: str, timeout_s: float = 12
     torch.save(result, Path(folder) / f"rank{rank}.pt")
 
 
-def _on_two_ranks(fn: Callable[[], Any], tmp_path: Path, timeout_s: float = 120) -> list[Any]:
-    mp.start_processes(_worker, args=(fn, str(tmp_path), timeout_s), nprocs=WORLD, start_method="spawn")
+def _on_two_ranks(fn: Callable[[], Any], tmp_path: Path) -> list[Any]:
+    mp.start_processes(_worker, args=(fn, str(tmp_path)), nprocs=WORLD, start_method="spawn")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for r in results:
         assert not (isinstance(r, dict) and "error" in r), r.get("error") if isinstance(r, dict) else r
@@ -184,20 +184,42 @@ def latency_tables() -> dict[str, dict[int, float]]:
     return layer_latency_table(_model().float(), _example().float(), candidates=(8,), runs=2).ms
 
 
+STUCK_S = 20  # how long the failed rank stays alive without joining the collective
+
+
 def one_rank_fails() -> tuple[str, float]:
-    """Rank 1 fails before a collective; rank 0 must not wait for it forever."""
+    """Rank 1 fails before a collective and stays alive for STUCK_S seconds (a hung worker); rank 0 must give up
+    after the group's timeout rather than wait for it."""
     import time
 
     from compress.distributed import all_reduce_sum
 
     if dist.get_rank() == 1:
+        time.sleep(STUCK_S)
         return "rank 1 stopped", 0.0
     start = time.perf_counter()
     try:
         all_reduce_sum(torch.ones(1))
-    except Exception as err:  # gloo: the peer closed, or the group's timeout expired
+    except Exception as err:  # gloo: the group's timeout expired
         return f"{type(err).__name__}", time.perf_counter() - start
     return "no error", time.perf_counter() - start
+
+
+def _env_worker(rank: int, fn: Callable[[], Any], folder: str, port: int) -> None:
+    """A rank that joins the group as ``python -m compress.recipe`` does under torchrun: from the environment,
+    with a 3-second $COMPRESS_DIST_TIMEOUT_S."""
+    import os
+
+    from compress.distributed import init_from_env
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), COMPRESS_DIST_TIMEOUT_S="3")
+    assert init_from_env()
+    try:
+        result: Any = fn()
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, Path(folder) / f"rank{rank}.pt")
 
 
 def test_measurements_are_made_on_rank_zero_and_sent_to_every_rank(tmp_path) -> None:
@@ -209,8 +231,16 @@ def test_measurements_are_made_on_rank_zero_and_sent_to_every_rank(tmp_path) -> 
 
 
 def test_a_rank_that_fails_makes_the_others_stop_instead_of_hanging(tmp_path) -> None:
-    stopped, (error, waited) = _on_two_ranks(one_rank_fails, tmp_path, timeout_s=5)[::-1]
-    assert stopped == ("rank 1 stopped", 0.0) and error != "no error" and waited < 30
+    """With $COMPRESS_DIST_TIMEOUT_S=3 rank 0 stops within seconds; with the default (600 s) it would wait until
+    the stuck rank exits after STUCK_S seconds."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_env_worker, args=(one_rank_fails, str(tmp_path), port), nprocs=WORLD, start_method="spawn")
+    (error, waited), stopped = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert stopped == ("rank 1 stopped", 0.0) and error != "no error" and waited < STUCK_S / 2
 
 
 # --- distillation and the recipe --------------------------------------------------------------------------------

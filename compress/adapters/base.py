@@ -18,6 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..data import inputs_of
 from ..errors import CompressError
 from ..nn_helpers import weight_layers
 from ..quiet import quiet_third_party
@@ -61,8 +62,9 @@ class ModelAdapter:
         raise NotImplementedError
 
     def inputs_of(self, batch: Any) -> Any:
-        """The model inputs of a data batch (labels dropped)."""
-        raise NotImplementedError
+        """The model inputs of a data batch (labels dropped); default: :func:`compress.data.inputs_of` (a tensor, the
+        first item of an ``(input, label)`` pair, or a dict's named tensors)."""
+        return inputs_of(batch)
 
     def check_inputs(self, model: nn.Module, inputs: Any) -> None:
         """A one-line error when ``inputs`` do not fit the model; nothing otherwise."""

@@ -33,11 +33,10 @@ import torch_pruning as tp
 from torch import nn
 
 from ..batches import is_named, predict
-from ..data import inputs_of
 from ..errors import CompressError
-from ..nn_helpers import on_model, set_module
+from ..nn_helpers import model_device, on_model, set_module
 from .base import InputSpec, ModelAdapter
-from .mlp_scope import mlp_expansions, per_sample_layers, views_as_channelwise
+from .mlp_scope import layers_outside_mlps, views_as_channelwise
 from .spec import USER_WEIGHTS, ModelSpec, attach_spec, spec_of
 
 ARCH_PREFIX = "hf:"
@@ -174,19 +173,13 @@ class HuggingFaceAdapter(ModelAdapter):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def example_inputs(self, model: nn.Module, batch: int = 1, device: str | torch.device | None = None) -> Any:
-        if device is None:
-            first = next(model.parameters(), None)
-            device = first.device if first is not None else "cpu"
-        return self.spec_inputs(self.identify(model), batch, device)
+        return self.spec_inputs(self.identify(model), batch, model_device(model) if device is None else device)
 
     def input_spec(self, model: nn.Module) -> InputSpec:
         if is_vision(model):
             return InputSpec(VISION_INPUTS, ("logits",), {"pixel_values": {0: "batch"}, "logits": {0: "batch"}})
         axes = {name: {0: "batch", 1: "sequence"} for name in TEXT_INPUTS}
         return InputSpec(TEXT_INPUTS, ("logits",), {**axes, "logits": {0: "batch"}})
-
-    def inputs_of(self, batch: Any) -> Any:
-        return inputs_of(batch)
 
     def check_inputs(self, model: nn.Module, inputs: Any) -> None:
         """Named inputs with the model's main input (a vision model also takes an image tensor as its
@@ -229,9 +222,7 @@ class HuggingFaceAdapter(ModelAdapter):
 
     def outside_pruning_scope(self, model: nn.Module, example_inputs: Any) -> list[nn.Module]:
         """Every Linear but the first layer(s) of each MLP that runs per sample (see :mod:`.mlp_scope`)."""
-        kept = set(mlp_expansions(self.dependency_graph(model, example_inputs)))
-        kept &= set(per_sample_layers(model, example_inputs))
-        return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in kept]
+        return layers_outside_mlps(model, self.dependency_graph(model, example_inputs), example_inputs)
 
     def tracing(self, model: nn.Module) -> ContextManager[None]:
         """Without a key/value cache (a language model's cache object is no tensor torch-pruning can trace)."""

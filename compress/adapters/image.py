@@ -19,14 +19,13 @@ import torch_pruning as tp
 from torch import nn
 
 from ..batches import predict
-from ..data import inputs_of
-from ..nn_helpers import on_model
 from ..errors import CompressError
+from ..nn_helpers import model_device, on_model
 from ..small_resnet import SmallResNet
 from .base import InputSpec, ModelAdapter
 from .fixed_views import has_fixed_channel_views, layers_into_fixed_views
 from .mixed_conv import split_convs, sync_split_sizes
-from .mlp_scope import mlp_expansions, per_sample_layers, unprunable_attention, views_as_channelwise
+from .mlp_scope import layers_outside_mlps, unprunable_attention, views_as_channelwise
 from .shuffle import opaque_shuffle, shuffle_outputs
 from .swin import opaque_patch_merging
 from .spec import IMAGENET_INPUT_SHAPE, ModelSpec, spec_of
@@ -147,16 +146,10 @@ class ImageClassifierAdapter(ModelAdapter):
         spec = self.identify(model)
         if spec is None:
             raise CompressError("cannot infer the input shape of this model", "pass example_inputs=torch.zeros(1, C, H, W)")
-        if device is None:
-            first = next(model.parameters(), None)
-            device = first.device if first is not None else "cpu"
-        return self.spec_inputs(spec, batch, device=device)
+        return self.spec_inputs(spec, batch, device=model_device(model) if device is None else device)
 
     def input_spec(self, model: nn.Module) -> InputSpec:
         return InputSpec(("input",), ("logits",), {"input": {0: "batch"}, "logits": {0: "batch"}})
-
-    def inputs_of(self, batch: Any) -> torch.Tensor:
-        return inputs_of(batch)
 
     def check_inputs(self, model: nn.Module, inputs: Any) -> None:
         spec = spec_of(model)
@@ -178,9 +171,7 @@ class ImageClassifierAdapter(ModelAdapter):
         MLP (or inverted-residual block) that runs per sample. Otherwise the layers whose channels reach a split
         or slice of fixed size (see :mod:`.fixed_views`)."""
         if unprunable_attention(model):
-            kept = set(mlp_expansions(self.dependency_graph(model, example_inputs)))
-            kept &= set(per_sample_layers(model, example_inputs))
-            return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in kept]
+            return layers_outside_mlps(model, self.dependency_graph(model, example_inputs), example_inputs)
         if has_fixed_channel_views(model, example_inputs):
             return layers_into_fixed_views(self.dependency_graph(model, example_inputs))
         return []

@@ -11,7 +11,8 @@ width and the attention are kept.
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 import torch_pruning as tp
 from torch import nn
 
@@ -107,9 +108,16 @@ def views_as_channelwise(graph: tp.DependencyGraph) -> tp.DependencyGraph:
     return graph
 
 
-def per_sample_layers(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+def per_sample_layers(model: nn.Module, example_inputs: Any) -> list[nn.Module]:
     """The Linear and conv layers whose output has one row per sample (found on a batch of two copies of
     ``example_inputs``). Others compute from buffers, e.g. Swin V2's position-bias MLP on its coordinate table:
     criteria that score channels per sample cannot score them, and they are left unpruned."""
     layers = weight_layers(model)
     return [layers[name] for name, per_sample in per_sample_outputs(model, example_inputs, layers).items() if per_sample]
+
+
+def layers_outside_mlps(model: nn.Module, graph: tp.DependencyGraph, example_inputs: Any) -> list[nn.Module]:
+    """Every Linear and conv layer but the first of each MLP (or inverted-residual block, :func:`mlp_expansions`)
+    that runs per sample (:func:`per_sample_layers`): the layers left unpruned in this scope."""
+    kept = set(mlp_expansions(graph)) & set(per_sample_layers(model, example_inputs))
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in kept]

@@ -21,9 +21,9 @@ from ..data import FashionMNIST, calibration, loader
 from ..evaluate import compare
 from ..models import resolve
 from ..prune import Target, prune
+from ..output import fmt, machine, markdown_table, mean_std, save_figure, write_json
 from ..recover import distill, recalibrate_bn
 from ..train import TrainConfig
-from ..output import fmt, machine, markdown_table, mean_std, save_figure, write_json
 
 STAGES = ("pruned", "recal", "distill")
 
