@@ -17,15 +17,16 @@ from torch import nn
 
 from .adapters import adapter_for, identify
 from .adapters.hf import PRESETS as HF_PRESETS, from_pretrained_folder, preset_spec
-from .adapters.image import (LOCAL_ARCHS, LOCAL_INPUT_SHAPES, arch_names, default_input_shape, make_spec,
-                             torchvision_archs, torchvision_weights)
+from .adapters.image import (LOCAL_ARCHS, LOCAL_INPUT_SHAPES, PRESETS as IMAGE_PRESETS, arch_names,
+                             default_input_shape, make_spec, preset_spec as image_preset_spec, torchvision_archs,
+                             torchvision_weights)
 from .adapters.spec import IMAGENET_INPUT_SHAPE, SPEC_ATTR, ModelSpec, attach_spec, spec_of
 from .checkpoint import load, read_state_dict
 from .errors import CompressError
 from .rebuild import build
 from .train import TrainConfig, reference_model
 
-__all__ = ["HF_PRESETS", "IMAGENET_INPUT_SHAPE", "LOCAL_ARCHS", "LOCAL_INPUT_SHAPES", "SPEC_ATTR", "ModelSpec", "arch_names",
+__all__ = ["HF_PRESETS", "IMAGE_PRESETS", "IMAGENET_INPUT_SHAPE", "LOCAL_ARCHS", "LOCAL_INPUT_SHAPES", "SPEC_ATTR", "ModelSpec", "arch_names",
            "attach_spec", "build", "default_input_shape", "identify", "make_spec", "pruning_round_to", "resolve",
            "spec_of", "sync_after_pruning", "torchvision_archs", "torchvision_weights"]
 
@@ -69,7 +70,8 @@ def resolve(model: str | os.PathLike | nn.Module, weights: str | os.PathLike | N
             train_config: Any = None, progress: bool = True) -> nn.Module:
     """Return an ``nn.Module`` (with its :class:`ModelSpec` attached) from a name, module or checkpoint.
 
-    ``model``: a torchvision name (``resnet50``), ``small_resnet``, an ``nn.Module``, a checkpoint path
+    ``model``: a torchvision name (``resnet50``), ``small_resnet``, a preset (``HF_PRESETS``, ``IMAGE_PRESETS``:
+    the Fashion-MNIST models of the pruning benchmark), an ``nn.Module``, a checkpoint path
     written by :func:`compress.save`, or a Hugging Face folder written by ``save_pretrained`` (safetensors). ``weights``: ``None``/``"random"``, a torchvision enum name
     (``IMAGENET1K_V2``, ``DEFAULT``), a local file (our checkpoint or a bare state_dict), or ``"train"`` (train
     on the embedded Fashion-MNIST, cached).
@@ -89,7 +91,12 @@ def resolve(model: str | os.PathLike | nn.Module, weights: str | os.PathLike | N
         if weights not in (None, "random"):
             raise CompressError("weights were given for a checkpoint that holds its own", "drop --weights")
         return load(model)
-    spec = preset_spec(str(model)) if str(model) in HF_PRESETS else make_spec(str(model), kwargs, input_shape)
+    if str(model) in HF_PRESETS:
+        spec = preset_spec(str(model))
+    elif str(model) in IMAGE_PRESETS:
+        spec = image_preset_spec(str(model))
+    else:
+        spec = make_spec(str(model), kwargs, input_shape)
     source = "random" if weights is None else str(weights)
     if source == "train":
         return reference_model(spec, train_config or TrainConfig(), progress=progress)

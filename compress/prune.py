@@ -28,6 +28,8 @@ import criteria
 from . import latency
 from .adapters import ModelAdapter, adapter_for, identify
 from .adapters.spec import attach_spec, user_spec, with_history
+from criteria.normalize import NormalizedImportance, check_normalizer
+
 from .adapters.split_order import split_outputs_in_order
 from .batches import first_rows
 from .capped_importance import CappedImportance
@@ -35,6 +37,7 @@ from .data import CalibrationData, calibration
 from .distributed import agree, on_main
 from .errors import CompressError
 from .macs import count_macs_params
+from .mean_replacement import fold_removed_inputs, input_means
 from .nn_helpers import on_model
 from .quiet import quiet_third_party
 from .recover import recalibrate_bn
@@ -111,6 +114,7 @@ class PruneResult:
     latency_before_ms: float | None = None  # Target(latency=...): measured latency of the dense model,
     latency_after_ms: float | None = None  # of the pruned one,
     latency_log: list[dict[str, float]] = field(default_factory=list)  # and one entry per MACs round of the search
+    unfolded_layers: list[str] = field(default_factory=list)  # mean replacement: layers without a bias or BN to fold into
 
     @property
     def latency_ratio(self) -> float | None:
@@ -176,17 +180,19 @@ def criterion_name(criterion: Any) -> str:
     return criterion if isinstance(criterion, str) else type(criterion).__name__
 
 
-def make_importance(criterion: Any, options: dict[str, Any] | None) -> tp.importance.Importance:
-    """The Importance of a registered name (built with ``options``) or the user's own Importance object."""
+def make_importance(criterion: Any, options: dict[str, Any] | None,
+                    normalizer: str | None = None) -> tp.importance.Importance:
+    """The Importance of a registered name (built with ``options``, its scores normalised by ``normalizer``, else
+    by the criterion's default) or the user's own Importance object (normalised only when ``normalizer`` is given)."""
     if isinstance(criterion, str):
-        return criteria.get(criterion, **(options or {}))
+        return criteria.get(criterion, normalizer=normalizer, **(options or {}))
     if not isinstance(criterion, tp.importance.Importance):
         raise CompressError(f"criterion must be a registered name or a torch-pruning Importance, got "
                             f"{type(criterion).__name__}", f"use one of {', '.join(criteria.names())} or subclass "
                             "torch_pruning.importance.Importance")
     if options:
         raise CompressError("criterion_options apply to a criterion given by name", "configure your Importance object yourself")
-    return criterion
+    return criterion if normalizer is None else NormalizedImportance(criterion, normalizer)
 
 
 @dataclass
@@ -206,6 +212,9 @@ class _Run:
     round_to: int | None
     tolerance: float
     max_bisections: int
+    mean_replacement: bool = False
+    input_means: dict[str, torch.Tensor] = field(default_factory=dict)  # of the model the step's trials start from
+    unfolded: set[str] = field(default_factory=set)  # layers mean replacement could not fold into (any trial)
 
 
 def grouped_convs(model: nn.Module) -> list[nn.Module]:
@@ -218,7 +227,8 @@ def grouped_convs(model: nn.Module) -> list[nn.Module]:
 
 
 def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, float, list]:
-    """Prune ``net`` in place by one pruner step at ``channel_ratio``; (net, metric fraction, history entries)."""
+    """Prune ``net`` in place by one pruner step at ``channel_ratio``; (net, metric fraction, history entries).
+    With mean replacement, the layers it could not fold into are added to ``run.unfolded``."""
     ignored = _modules_named(net, run.ignored) + grouped_convs(net)
     with run.adapter.tracing(net), quiet_third_party():
         pruner = tp.pruner.BasePruner(net, run.example, importance=CappedImportance(run.importance, run.max_layer_ratio),
@@ -230,7 +240,14 @@ def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, 
     pruner.DG = run.adapter.pruning_graph(net, split_outputs_in_order(pruner.DG))
     criteria.prepare(run.importance, net, run.calib, pruner.DG, ignored)
     with quiet_third_party():
-        pruner.step()
+        if run.mean_replacement:
+            unfolded = set()
+            for group in pruner.step(interactive=True):
+                unfolded.update(fold_removed_inputs(group, run.input_means, pruner.DG))
+                group.prune()
+            run.unfolded.update(unfolded)
+        else:
+            pruner.step()
     run.adapter.sync_after_pruning(net)
     value = count_macs_params(net, run.example)[run.metric_index] / run.dense_value
     return net, value, [tuple(h) for h in pruner.pruning_history()]
@@ -293,26 +310,33 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
           example_inputs: torch.Tensor | None = None, steps: int = 5, tolerance: float = 0.02,
           round_to: int | None = None, ignored_layers: Sequence[nn.Module | str] = (), max_layer_ratio: float = 0.9,
           global_pruning: bool = True, calibration_samples: int = 512, batch_size: int = 64, seed: int = 0,
-          criterion_options: dict[str, Any] | None = None, max_bisections: int = 20,
-          recalibrate: bool = False, progress: bool = True) -> PruneResult:
+          criterion_options: dict[str, Any] | None = None, normalizer: str | None = None, max_bisections: int = 20,
+          recalibrate: bool = False, mean_replacement: bool = False, progress: bool = True) -> PruneResult:
     """Prune a copy of ``model`` with ``criterion`` until ``target`` is met (within ``tolerance``, below if possible).
 
     ``criterion``: a registered name (``criteria.names()``) or any torch-pruning ``Importance`` object (a
     :class:`criteria.calibrated.CalibratedImportance` gets the calibration data before each step).
     ``data``: calibration inputs (any iterable of batches or a dataset; labels ignored unless the criterion
     needs them, e.g. ``jacobian``). ``max_layer_ratio`` caps how much of any one layer a step may remove.
+    ``normalizer``: how each group's scores are rescaled before the global ranking (``criteria.NORMALIZERS``;
+    default: the criterion's, ``criteria.default_normalizer(name)``; an Importance object is left as it is).
     ``recalibrate``: re-estimate BatchNorm statistics on the calibration inputs after every step but the last, so
     the next step scores channels around the point recovery will start from (label-free; the returned model's
     BN statistics are those of the step before the last).
+    ``mean_replacement``: fold each removed channel's mean input (over the calibration data) into the next layers'
+    biases (:mod:`compress.mean_replacement`), so the pruned model keeps every layer's mean output.
     """
     if target.metric == "latency":
         return _prune_to_latency(model, data, criterion, target, example_inputs=example_inputs, steps=steps,
                                  tolerance=tolerance, round_to=round_to, ignored_layers=ignored_layers,
                                  max_layer_ratio=max_layer_ratio, global_pruning=global_pruning,
                                  calibration_samples=calibration_samples, batch_size=batch_size, seed=seed,
-                                 criterion_options=criterion_options, max_bisections=max_bisections,
-                                 recalibrate=recalibrate, progress=progress)
+                                 criterion_options=criterion_options, normalizer=normalizer,
+                                 max_bisections=max_bisections, recalibrate=recalibrate,
+                                 mean_replacement=mean_replacement, progress=progress)
     start = time.perf_counter()
+    if normalizer is not None:
+        check_normalizer(normalizer)
     check_finite_weights(model)
     dense = model
     spec = identify(dense)
@@ -325,9 +349,9 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
     check_calibration(model, calib, example)
     before = count_macs_params(model, example)
     metric_index = 0 if target.metric == "macs" else 1
-    run = _Run(name, make_importance(criterion, criterion_options), calib, example,
+    run = _Run(name, make_importance(criterion, criterion_options, normalizer), calib, example,
                _ignored_names(model, adapter, ignored_layers, example), adapter, metric_index, before[metric_index],
-               global_pruning, max_layer_ratio, round_to, tolerance, max_bisections)
+               global_pruning, max_layer_ratio, round_to, tolerance, max_bisections, mean_replacement)
     widths_before = _widths(model)
     history: list[tuple[str, bool, list[int]]] = []
     step_log: list[dict[str, float]] = []
@@ -335,6 +359,8 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
     bar = tqdm(total=steps, desc=f"prune[{name}]", unit="step", disable=not progress)
     for k in range(1, steps + 1 if target.fraction < 1.0 else 1):  # a target of 1.0 means "no pruning"
         goal = target.fraction ** (k / steps)
+        if mean_replacement:
+            run.input_means = input_means(model, calib)
         best = _search_ratio(run, model, goal, current)
         if best is None:
             raise CompressError(f"no channel ratio brings {target.metric} to {goal:.3f} (every layer is capped at "
@@ -364,7 +390,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
     attach_spec(model, with_history(spec, history))
     layers = [LayerWidth(n, w, widths_after.get(n, 0)) for n, w in widths_before.items()]
     return PruneResult(model, history, name, target, before[0], after[0], before[1], after[1], layers,
-                       len(step_log), time.perf_counter() - start, step_log)
+                       len(step_log), time.perf_counter() - start, step_log, unfolded_layers=sorted(run.unfolded))
 
 
 LATENCY_ROUNDS = 4  # MACs fractions tried by the latency search

@@ -4,7 +4,9 @@ Pruning criteria are torch-pruning ``Importance`` objects, usable by every torch
 
 * ``criteria.names()``: the registered names (built in: jbr, jbr-mac, jbr-batch, jacobian, l1, l2, taylor,
   hessian, bn, fpgm, lamp, random); ``criteria.describe()``: one line each; ``criteria.uses_data(name)``.
-* ``criteria.get(name, data=None, **options)``: the Importance; ``data`` (calibration batches, inputs or
+* ``criteria.get(name, data=None, *, normalizer=None, **options)``: the Importance, its scores normalised per
+  group (``criteria.NORMALIZERS``: none, mean, max, sum, macs; default ``criteria.default_normalizer(name)``,
+  ``DEFAULT_NORMALIZER`` for all but jbr-mac, see :mod:`criteria.normalize`); ``data`` (calibration batches, inputs or
   (input, label); same samples in the same order every time) goes to the criteria that use it. Unknown name:
   ``CompressError`` listing the names.
 * ``criteria.prepare(importance, model, data=None)``: the one hook for every criterion. It runs the calibration
@@ -32,6 +34,8 @@ Pruning criteria are torch-pruning ``Importance`` objects, usable by every torch
 TPV estimates live in ``criteria.tpv``, the quantization-noise model and HAWQ-V2 in ``criteria.qnoise``.
 """
 
-from .registry import NEEDS_LABELS, describe, get, names, needs_labels, prepare, register, uses_data
+from .normalize import DEFAULT_NORMALIZER, NORMALIZERS
+from .registry import NEEDS_LABELS, default_normalizer, describe, get, names, needs_labels, prepare, register, uses_data
 
-__all__ = ["NEEDS_LABELS", "describe", "get", "names", "needs_labels", "prepare", "register", "uses_data"]
+__all__ = ["DEFAULT_NORMALIZER", "NEEDS_LABELS", "NORMALIZERS", "default_normalizer", "describe", "get", "names",
+           "needs_labels", "prepare", "register", "uses_data"]

@@ -11,7 +11,8 @@ per-sample derivatives are summed before squaring.
 
 * :class:`JBRImportance` (``jbr``): E_x[(m(x)ᵀ J_g(x) w_g)²], m(x) the one-hot predicted class of the dense model
   (``target="softmax"``: its probabilities), frozen at the first (dense) pass.
-* :class:`JBRPerMACImportance` (``jbr-mac``): the same divided by the MACs the channel's removal saves.
+* ``jbr-mac``: the same with the ``"macs"`` normaliser (:mod:`criteria.normalize`): divided by the MACs the
+  channel's removal saves.
 * :class:`JBRBatchImportance` (``jbr-batch``, the reference implementation): Σ_batches (∂L_b/∂γ_g)², L_b the
   batch-mean cross-entropy against the frozen pseudo-labels of the samples with dense confidence > 0.9.
 * :class:`JacobianImportance` (``jacobian``): E_x[(∂CE(f(x), y)/∂γ_g)²] with the true labels y.
@@ -37,7 +38,7 @@ pass one batch's autograd graph on the model's device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,6 @@ from compress.batches import first_rows, map_tensors, predict, rows, tensors
 from compress.data import inputs_of, labels_of
 from compress.distributed import all_reduce_sum
 from compress.errors import CompressError
-from compress.macs import layer_macs
 from compress.nn_helpers import fingerprint, model_device, on_model
 from compress.quiet import quiet_third_party  # fingerprint: also re-exported as criteria.jbr.fingerprint
 
@@ -120,11 +120,23 @@ def group_key(group: Any, names: dict[nn.Module, str]) -> GroupKey:
 
 @dataclass
 class _GroupPlan:
-    """Where a group's coupled derivatives are in a batch row: column ``columns[i]`` adds into root ``roots[i]``."""
+    """Where a group's coupled derivatives are in a batch row: column ``columns[i]`` adds into root ``roots[i]``;
+    ``left[j]``, ``right[j]``: the pairs of positions in ``columns`` that add into the same root (centred scores)."""
 
     columns: Tensor
     roots: Tensor
     width: int
+    left: Tensor
+    right: Tensor
+
+
+def _plan(columns: list[int], roots: list[int], width: int) -> _GroupPlan:
+    by_root: dict[int, list[int]] = {}
+    for position, root in enumerate(roots):
+        by_root.setdefault(root, []).append(position)
+    pairs = [(i, j) for positions in by_root.values() for i in positions for j in positions]
+    left, right = zip(*pairs)
+    return _GroupPlan(torch.tensor(columns), torch.tensor(roots), width, torch.tensor(left), torch.tensor(right))
 
 
 class GateImportance(CalibratedImportance):
@@ -140,7 +152,15 @@ class GateImportance(CalibratedImportance):
     ``columns[name]`` a module's columns) and sums a group's rows when the group is scored.
     ``autocast``: on CUDA, run the pass under bf16 autocast with float32 gates (so the per-channel reductions of
     the derivatives are float32); otherwise the gates take each output's dtype.
+
+    ``centred``: the gate point's output a becomes γ·a + β, and a row holds ∂s/∂γ − μ·∂s/∂β = Σ_positions
+    (a − μ)·∂s/∂a, μ the channel's mean output over the calibration samples and positions (``output_means``):
+    the first-order effect of replacing the channel by its mean. μ is known only after the pass, so the pass
+    accumulates the moments Σ a², Σ a·∂s/∂β_k and Σ ∂s/∂β_k·∂s/∂β_k' (k, k' coupled into one root channel, a
+    the coupled sum of ∂s/∂γ) and the score expands the square; with kept rows it keeps the ∂s/∂β rows too.
     """
+
+    centred = False
 
     per_sample = True  # rows are samples; False: rows are batches (gate gradients summed over the batch)
     uses_dense_targets = True  # freeze the dense model's predictions per calibration sample
@@ -153,15 +173,25 @@ class GateImportance(CalibratedImportance):
         self.scored_groups_ignoring: list[nn.Module] | None = None  # the pruner's ignored layers, when known
         self.derivatives: Tensor | None = None
         self.columns: dict[str, slice] = {}
-        self.sums: dict[GroupKey, Tensor] = {}  # Σ_rows (Σ_coupled ∂s/∂γ)² per group, float64
-        self.rows_seen = 0  # samples (or batches) behind ``sums``
+        self.shift_derivatives: Tensor | None = None  # centred: the kept rows of ∂s/∂β
+        self.output_means: Tensor | None = None  # centred: μ per gated channel (column), float64
+        self.moments: dict[GroupKey, list[Tensor]] = {}  # per group, float64: [Σ_rows (Σ_coupled ∂s/∂γ)²] (+ centred's)
+        self.plans: dict[GroupKey, _GroupPlan] = {}
+        self.rows_seen = 0  # samples (or batches) behind ``moments``
         self.dense_targets: list[FrozenPredictions] | None = None  # per calibration batch, on the CPU
         self._checksums: list[float] = []
         self.example_input: Tensor | None = None
 
+    @property
+    def state_bytes(self) -> int:
+        """Bytes kept between passes: kept rows and per-group moments (the frozen dense targets excluded)."""
+        kept = [t for t in (self.derivatives, self.shift_derivatives) if t is not None]
+        return sum(t.nbytes for t in kept) + sum(m.nbytes for ms in self.moments.values() for m in ms)
+
     def reset(self) -> None:
         """Forget the frozen dense targets and the cache (to score a different dense model)."""
-        self.derivatives, self.columns, self.sums, self.dense_targets, self._checksums = None, {}, {}, None, []
+        self.derivatives, self.columns, self.moments, self.dense_targets, self._checksums = None, {}, {}, None, []
+        self.shift_derivatives = self.output_means = None
         self.invalidate()
 
     def objective(self, logits: Tensor, targets: FrozenPredictions | None, labels: Tensor | None) -> Tensor:
@@ -200,7 +230,7 @@ class GateImportance(CalibratedImportance):
                 groups = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=LAYERS))
             plans.update(self._plans(groups, graph._module2name))
 
-        self.sums, self.rows_seen = {}, 0
+        self.moments, self.plans, self.rows_seen = {}, {}, 0
         self._pass(model, data, graph, plan_groups, plans, keep_rows=self.keep_rows or ignored is None)
 
     def _plans(self, groups: Iterable[Any], names: dict[nn.Module, str]) -> dict[GroupKey, _GroupPlan]:
@@ -220,17 +250,24 @@ class GateImportance(CalibratedImportance):
                         columns.append(self.columns[name].start + int(local))
                         roots.append(int(root))
             if columns:
-                plans[group_key(group, names)] = _GroupPlan(torch.tensor(columns), torch.tensor(roots), len(group[0].idxs))
+                plans[group_key(group, names)] = _plan(columns, roots, len(group[0].idxs))
         return plans
 
-    def _accumulate(self, row: Tensor, plans: dict[GroupKey, _GroupPlan]) -> None:
-        """Add one batch's rows (B, gated channels) to every planned group's Σ (Σ_coupled ∂s/∂γ)²."""
+    def _accumulate(self, row: Tensor, plans: dict[GroupKey, _GroupPlan], shift_row: Tensor | None = None) -> None:
+        """Add one batch's rows (B, gated channels) to every planned group's Σ (Σ_coupled ∂s/∂γ)²; with the
+        rows of ∂s/∂β (``centred``) also the moments Σ a·∂s/∂β_k and Σ ∂s/∂β_k·∂s/∂β_k' (k, k' of one root)."""
         values = row.double()
+        shifts = None if shift_row is None else shift_row.double()
         for key, plan in plans.items():
             total = torch.zeros(len(values), plan.width, dtype=torch.float64).index_add_(1, plan.roots,
                                                                                          values[:, plan.columns])
-            squares = (total ** 2).sum(0)  # rows: samples, or batch sums when not per_sample
-            self.sums[key] = self.sums[key] + squares if key in self.sums else squares
+            moments = [(total ** 2).sum(0)]  # rows: samples, or batch sums when not per_sample
+            if shifts is not None:
+                b = shifts[:, plan.columns]
+                moments += [(total[:, plan.roots] * b).sum(0), (b[:, plan.left] * b[:, plan.right]).sum(0)]
+            previous = self.moments.get(key)
+            self.moments[key] = moments if previous is None else [p + m for p, m in zip(previous, moments)]
+            self.plans[key] = plan
 
     def _pass(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None,
               plan_groups: Any, plans: dict[GroupKey, _GroupPlan], keep_rows: bool) -> None:
@@ -239,15 +276,27 @@ class GateImportance(CalibratedImportance):
         device = model_device(model)
         use_autocast = self.autocast and device.type == "cuda"
         gates: dict[str, list[Tensor]] = {}
+        shifts: dict[str, list[Tensor]] = {}  # centred: the additive gates β
+        output_sums: dict[str, Tensor] = {}  # centred: Σ of each channel's output over samples and positions
+        output_counts: dict[str, int] = {}
 
         def hook(name: str):
             def apply(module: nn.Module, inputs: Any, out: Tensor) -> Tensor:
                 if out.dim() == 0 or out.shape[0] != batch_rows[0]:
                     return out  # not one row per sample (Swin V2's position-bias MLP): nothing to score per sample
                 dtype = torch.promote_types(out.dtype, torch.float32) if use_autocast else out.dtype
-                gate = torch.ones(_gate_shape(module, out), device=out.device, dtype=dtype, requires_grad=True)
+                shape = _gate_shape(module, out)
+                gate = torch.ones(shape, device=out.device, dtype=dtype, requires_grad=True)
                 gates.setdefault(name, []).append(gate)  # a module called twice gets one gate per call
-                return out * gate
+                if not self.centred:
+                    return out * gate
+                shift = torch.zeros(shape, device=out.device, dtype=dtype, requires_grad=True)
+                shifts.setdefault(name, []).append(shift)
+                channel = out.dim() - 1 if isinstance(module, nn.Linear) else 1
+                per_channel = out.detach().double().transpose(0, channel).reshape(out.shape[channel], -1)
+                output_sums[name] = output_sums.get(name, 0) + per_channel.sum(1).cpu()
+                output_counts[name] = output_counts.get(name, 0) + per_channel.shape[1]
+                return out * gate + shift
             return apply
 
         handles: list[Any] = []
@@ -275,25 +324,22 @@ class GateImportance(CalibratedImportance):
                     logits = logits.float()
                 s = self.objective(logits, self._targets(index, x, logits, freeze), labels_of(batch))
                 names = list(gates)
-                flat = [g for n in names for g in gates[n]]
+                flat = [g for n in names for g in gates[n]] + [b for n in names for b in shifts.get(n, [])]
                 grads = iter(torch.autograd.grad(s.sum(), flat, allow_unused=True))
-                per_name: dict[str, Tensor] = {}
-                for n in names:
-                    total = sum((torch.zeros_like(g) if d is None else d) for g, d in zip(gates[n], grads))
-                    per_name[n] = total.reshape(batch_rows[0], -1)
+                per_name = self._per_name(gates, grads, batch_rows[0])
                 if index == 0:
                     widths = {n: d.shape[1] for n, d in per_name.items()}
                     starts = torch.tensor([0] + list(widths.values())).cumsum(0).tolist()
                     self.columns = {n: slice(a, b) for n, a, b in zip(widths, starts[:-1], starts[1:])}
                     plan_groups(graph)
-                row = torch.cat([per_name[n] if n in per_name else torch.zeros(batch_rows[0], w, device=device)
-                                 for n, w in widths.items()], 1)
-                row = (row if self.per_sample else row.sum(0, keepdim=True)).to("cpu", torch.float32)
-                self._accumulate(row, plans)
+                row = self._row(per_name, widths, batch_rows[0], device)
+                shift_row = self._row(self._per_name(shifts, grads, batch_rows[0]), widths, batch_rows[0],
+                                      device) if self.centred else None
+                self._accumulate(row, plans, shift_row)
                 self.rows_seen += len(row)
                 batches += 1
                 if keep_rows:
-                    kept_rows.append(row)
+                    kept_rows.append(row if shift_row is None else torch.stack([row, shift_row]))
             if batches == 0:
                 raise CompressError(f"{type(self).__name__} got no calibration batches",
                                     "pass a non-empty calibration set")
@@ -307,7 +353,34 @@ class GateImportance(CalibratedImportance):
         if self.dense_targets is not None and len(self.dense_targets) != batches:
             raise CompressError("the calibration data has fewer batches than when the dense predictions were frozen",
                                 "pass the same calibration data at every pruning step")
-        self.derivatives = torch.cat(kept_rows) if keep_rows else None
+        if self.centred:
+            self.output_means = self._means(widths, output_sums, output_counts)
+        kept = torch.cat(kept_rows, -2) if keep_rows else None
+        self.derivatives, self.shift_derivatives = (kept[0], kept[1]) if keep_rows and self.centred else (kept, None)
+
+    @staticmethod
+    def _per_name(gates: dict[str, list[Tensor]], grads: Iterator[Tensor | None], batch_rows: int) -> dict[str, Tensor]:
+        """The next gradients of ``grads``, one per gate of ``gates``, summed over a module's calls: (B, channels)."""
+        per_name = {}
+        for n, calls in gates.items():
+            total = sum((torch.zeros_like(g) if d is None else d) for g, d in zip(calls, grads))
+            per_name[n] = total.reshape(batch_rows, -1)
+        return per_name
+
+    def _row(self, per_name: dict[str, Tensor], widths: dict[str, int], batch_rows: int,
+             device: torch.device) -> Tensor:
+        """One batch's rows (B, gated channels) in column order (one row per batch when not ``per_sample``)."""
+        row = torch.cat([per_name[n] if n in per_name else torch.zeros(batch_rows, w, device=device)
+                         for n, w in widths.items()], 1)
+        return (row if self.per_sample else row.sum(0, keepdim=True)).to("cpu", torch.float32)
+
+    @staticmethod
+    def _means(widths: dict[str, int], sums: dict[str, Tensor], counts: dict[str, int]) -> Tensor:
+        """μ per column: each gated channel's mean output over the samples (of every rank) and positions."""
+        total = torch.cat([sums[n] if n in sums else torch.zeros(w, dtype=torch.float64) for n, w in widths.items()])
+        count = torch.cat([torch.full((w,), float(counts.get(n, 0)), dtype=torch.float64) for n, w in widths.items()])
+        reduced = all_reduce_sum(torch.cat([total, count]))
+        return reduced[:len(total)] / reduced[len(total):].clamp(min=1.0)
 
     def _module_names(self, group: Any) -> dict[nn.Module, str]:
         graph = getattr(group, "_DG", None)
@@ -324,16 +397,29 @@ class GateImportance(CalibratedImportance):
         plan = self._plans([group], self._module_names(group)).get(group_key(group, self._module_names(group)))
         if plan is None:
             return None
-        return torch.zeros(len(self.derivatives), plan.width, dtype=torch.float64).index_add_(
-            1, plan.roots, self.derivatives[:, plan.columns].double())
+        values = self.derivatives[:, plan.columns].double()
+        if self.centred:
+            values = values - self.output_means[plan.columns] * self.shift_derivatives[:, plan.columns].double()
+        return torch.zeros(len(self.derivatives), plan.width, dtype=torch.float64).index_add_(1, plan.roots, values)
+
+    def _squares(self, key: GroupKey) -> Tensor:
+        """Σ_rows (Σ_coupled ∂s/∂γ)² of a planned group; ``centred``: Σ_rows (a − Σ_k μ_k ∂s/∂β_k)² from the moments."""
+        moments = self.moments[key]
+        if not self.centred:
+            return moments[0]
+        plan, mu = self.plans[key], self.output_means[self.plans[key].columns]
+        cross = torch.zeros(plan.width, dtype=torch.float64).index_add_(0, plan.roots, mu * moments[1])
+        pairs = torch.zeros(plan.width, dtype=torch.float64).index_add_(
+            0, plan.roots[plan.left], mu[plan.left] * mu[plan.right] * moments[2])
+        return (moments[0] - 2 * cross + pairs).clamp(min=0.0)
 
     def _group_sums(self, group: Any) -> Tensor | None:
         """Σ_rows (Σ_coupled ∂s/∂γ)² of ``group``: planned before the pass, else from the kept rows, else (a group
         with another root than planned) from one more pass of its own."""
         names = self._module_names(group)
         key = group_key(group, names)
-        if key in self.sums:
-            return self.sums[key]
+        if key in self.moments:
+            return self._squares(key)
         if self.derivatives is not None:
             d = self.group_derivatives(group)
             return None if d is None else (d ** 2).sum(0)
@@ -350,7 +436,7 @@ class GateImportance(CalibratedImportance):
                 self.rows_seen = seen
         finally:
             model.train(was_training)
-        return self.sums.get(key)
+        return self._squares(key) if key in self.moments else None
 
     @torch.no_grad()
     def score(self, group: Any) -> Tensor | None:
@@ -367,14 +453,18 @@ class JBRImportance(GateImportance):
     """Exact per-sample JBR: E_x[(m(x)ᵀ J_g(x) w_g)²], the gate derivative of s(x) = m(x)ᵀ f(x).
 
     ``target="predicted"``: m(x) the one-hot predicted class of the dense model; ``"softmax"``: its probabilities.
+    ``centred=True`` (``jbr-centred``): E_x[(m(x)ᵀ J_g (a_g(x) − μ_g))²], the TPV of removing the channel and
+    replacing it by its mean output μ_g, which is what BatchNorm recalibration or mean replacement
+    (``prune(..., mean_replacement=True)``) recover; see :class:`GateImportance`.
     """
 
-    def __init__(self, data: Iterable[Any] | None = None, *, target: Target = "predicted", autocast: bool = True,
-                 keep_rows: bool = False) -> None:
+    def __init__(self, data: Iterable[Any] | None = None, *, target: Target = "predicted", centred: bool = False,
+                 autocast: bool = True, keep_rows: bool = False) -> None:
         if target not in ("predicted", "softmax"):
             raise CompressError(f"unknown JBR target {target!r}", "use target='predicted' or target='softmax'")
         super().__init__(data, autocast=autocast, keep_rows=keep_rows)
         self.target = target
+        self.centred = centred
 
     @property
     def uses_probabilities(self) -> bool:  # type: ignore[override]
@@ -384,40 +474,6 @@ class JBRImportance(GateImportance):
         if self.target == "predicted":
             return logits.gather(1, targets.classes[:, None])[:, 0]
         return (targets.probabilities.to(logits.dtype) * logits).sum(1)
-
-
-class JBRPerMACImportance(JBRImportance):
-    """JBR per MAC saved: E_x[(m(x)ᵀ J_g(x) w_g)²] / ΔMACs_g, so a global ranking weighs damage against cost."""
-
-    def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
-        super()._calibrate(model, data, graph)
-        self.layer_macs = layer_macs(model, self.example_input)
-
-    def macs_saved(self, group: Any) -> Tensor:
-        """MACs (per sample) removed with each root channel: its share of every conv/linear whose output or input
-        channels the group prunes (Cout·Cin/groups·k·HW_out split evenly over the pruned dimension)."""
-        names = self._module_names(group)
-        saved = torch.zeros(len(group[0].idxs), dtype=torch.float64)
-        seen = set()
-        for item in group:
-            layer, handler = item.dep.target.module, getattr(item.dep.handler, "__name__", "")
-            name = names.get(layer)
-            if name not in self.layer_macs or (name, handler) in seen:
-                continue
-            seen.add((name, handler))
-            conv = isinstance(layer, nn.modules.conv._ConvNd)
-            out_dim = layer.out_channels if conv else layer.out_features
-            in_dim = layer.in_channels if conv else layer.in_features
-            if conv and layer.groups > 1 and layer.groups == in_dim:
-                in_dim = out_dim = layer.groups  # depthwise: one channel removes one filter either way
-            per_channel = self.layer_macs[name] / (out_dim if is_out_channel_pruning(item.dep) else in_dim)
-            roots = [r for r in item.root_idxs if r is not None]
-            saved[roots] += per_channel
-        return saved
-
-    def score(self, group: Any) -> Tensor | None:
-        jbr = super().score(group)
-        return None if jbr is None else (jbr.double() / self.macs_saved(group).clamp(min=1.0)).float()
 
 
 class JBRBatchImportance(GateImportance):

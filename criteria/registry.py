@@ -28,7 +28,9 @@ from compress.errors import CompressError
 from compress.nn_helpers import on_model
 
 from .calibrated import CalibratedImportance
-from .jbr import GateImportance, JacobianImportance, JBRBatchImportance, JBRImportance, JBRPerMACImportance
+from .jbr import GateImportance, JacobianImportance, JBRBatchImportance, JBRImportance
+from .jbr_ref import JBRReferenceImportance
+from .normalize import DEFAULT_NORMALIZER, NormalizedImportance, check_normalizer
 
 PER_SAMPLE_FLOATS = 1 << 26  # per-sample gradients held at once by the hessian pass (256 MB of float32)
 
@@ -58,7 +60,7 @@ class TaylorImportance(_GradientStatistic, tp.importance.GroupTaylorImportance):
     L = Σ_batches mean CE(f(x), argmax f(x)) of the model being pruned."""
 
     def __init__(self, data: Iterable[Any] | None = None, **options: Any) -> None:
-        tp.importance.GroupTaylorImportance.__init__(self, **options)
+        tp.importance.GroupTaylorImportance.__init__(self, **{"normalizer": None, **options})
         CalibratedImportance.__init__(self, data)
 
     score = tp.importance.GroupTaylorImportance.__call__  # scoring; __call__ (CalibratedImportance) refreshes first
@@ -87,7 +89,7 @@ class HessianImportance(_GradientStatistic, tp.importance.GroupHessianImportance
     with the per-sample loop when ``vectorize=False`` or when the model cannot be vmapped."""
 
     def __init__(self, data: Iterable[Any] | None = None, *, vectorize: bool = True, **options: Any) -> None:
-        tp.importance.GroupHessianImportance.__init__(self, **options)
+        tp.importance.GroupHessianImportance.__init__(self, **{"normalizer": None, **options})
         CalibratedImportance.__init__(self, data)
         self.vectorize = vectorize
 
@@ -146,30 +148,42 @@ class HessianImportance(_GradientStatistic, tp.importance.GroupHessianImportance
 
 @dataclass(frozen=True)
 class Criterion:
-    """A registry entry: ``make(**options)`` builds the Importance; ``uses_data``: it is called as
-    ``make(data, **options)``; ``needs_labels``: its calibration batches must be (input, label)."""
+    """A registry entry: ``make(**options)`` builds the Importance (raw scores); ``uses_data``: it is called as
+    ``make(data, **options)``; ``needs_labels``: its calibration batches must be (input, label); ``normalizer``:
+    its own default normaliser, else :data:`~criteria.normalize.DEFAULT_NORMALIZER`."""
 
     make: Callable[..., tp.importance.Importance]
     description: str
     uses_data: bool = False
     needs_labels: bool = False
+    normalizer: str | None = None
 
 
 _REGISTRY: dict[str, Criterion] = {
     "jbr": Criterion(JBRImportance, "exact per-sample JBR: E_x[(m(x)ᵀ J_g w_g)²], m = dense model's predicted class",
                      uses_data=True),
-    "jbr-mac": Criterion(JBRPerMACImportance, "JBR divided by the MACs the removal saves", uses_data=True),
+    "jbr-centred": Criterion(lambda data=None, **kw: JBRImportance(data, centred=True, **kw),
+                             "JBR of replacing the channel by its mean: E_x[(m(x)ᵀ J_g (a_g(x) − μ_g))²]", uses_data=True),
+    "jbr-mac": Criterion(JBRImportance, "JBR divided by the MACs the removal saves", uses_data=True,
+                         normalizer="macs"),
     "jbr-batch": Criterion(JBRBatchImportance, "batch-gradient JBR on confident frozen pseudo-labels (reference)",
                            uses_data=True),
+    "jbr-ref": Criterion(JBRReferenceImportance, "the TPV paper's JBR: Σ_batches (∂CE/∂γ)² per layer, summed over "
+                         "the group, on confident frozen pseudo-labels reshuffled per pass", uses_data=True,
+                         normalizer="none"),
     "jacobian": Criterion(JacobianImportance, "E_x[(∂CE(f, y)/∂γ_g)²] with the true labels y", uses_data=True,
                           needs_labels=True),
-    "l1": Criterion(lambda **kw: tp.importance.GroupMagnitudeImportance(p=1, **kw), "group L1 norm of weights"),
-    "l2": Criterion(lambda **kw: tp.importance.GroupMagnitudeImportance(p=2, **kw), "group L2 norm of weights"),
+    "l1": Criterion(lambda **kw: tp.importance.GroupMagnitudeImportance(**{"p": 1, "normalizer": None, **kw}),
+                    "group L1 norm of weights"),
+    "l2": Criterion(lambda **kw: tp.importance.GroupMagnitudeImportance(**{"p": 2, "normalizer": None, **kw}),
+                    "group L2 norm of weights"),
     "taylor": Criterion(TaylorImportance, "Σ|w·∇L| on the model's own predictions (BN not scored)", uses_data=True),
     "hessian": Criterion(HessianImportance, "OBD: w²·E[(∇ℓ)²] (Fisher diagonal) on own predictions", uses_data=True),
-    "bn": Criterion(tp.importance.BNScaleImportance, "|γ| of BatchNorm"),
-    "fpgm": Criterion(tp.importance.FPGMImportance, "filter pruning via geometric median"),
-    "lamp": Criterion(tp.importance.LAMPImportance, "layer-adaptive magnitude pruning"),
+    "bn": Criterion(lambda **kw: tp.importance.BNScaleImportance(**{"normalizer": None, **kw}), "|γ| of BatchNorm"),
+    "fpgm": Criterion(lambda **kw: tp.importance.FPGMImportance(**{"normalizer": None, **kw}),
+                      "filter pruning via geometric median"),
+    "lamp": Criterion(tp.importance.LAMPImportance, "layer-adaptive magnitude pruning (its LAMP rescaling, then the "
+                      "normaliser)"),
     "random": Criterion(tp.importance.RandomImportance, "uniformly random scores"),
 }
 
@@ -196,11 +210,14 @@ NEEDS_LABELS: Set[str] = _NeedsLabels()
 
 
 def register(name: str, factory: Callable[..., tp.importance.Importance], description: str = "", *,
-             uses_data: bool = False, needs_labels: bool = False, overwrite: bool = False) -> None:
+             uses_data: bool = False, needs_labels: bool = False, normalizer: str | None = None,
+             overwrite: bool = False) -> None:
     """Add criterion ``name``: ``factory(**options)`` (``factory(data, **options)`` when ``uses_data``) returns a
     torch-pruning ``Importance``, e.g. a :class:`~criteria.calibrated.CalibratedImportance` subclass for one that
     learns from calibration data. ``needs_labels``: its calibration batches must be (input, label) (implies
-    ``uses_data``). A name already registered (built-ins included) is replaced only with ``overwrite=True``."""
+    ``uses_data``). ``normalizer``: its default normaliser (else the common default); :func:`get` applies it to
+    the factory's scores, so the factory should return raw scores. A name already registered (built-ins
+    included) is replaced only with ``overwrite=True``."""
     if not isinstance(name, str) or not name.strip() or name != name.strip():
         raise CompressError(f"criterion name {name!r} must be a non-empty string without surrounding spaces",
                             "pass a name such as 'my-criterion'")
@@ -213,8 +230,10 @@ def register(name: str, factory: Callable[..., tp.importance.Importance], descri
     if name in _REGISTRY and not overwrite:
         raise CompressError(f"criterion {name!r} is already registered",
                             "choose another name, or pass overwrite=True to replace it")
+    if normalizer is not None:
+        check_normalizer(normalizer)
     _REGISTRY[name] = Criterion(factory, " ".join(str(description).split()), uses_data=uses_data,
-                                needs_labels=needs_labels)
+                                needs_labels=needs_labels, normalizer=normalizer)
 
 
 def names() -> list[str]:
@@ -243,10 +262,19 @@ def _entry(name: str) -> Criterion:
     return _REGISTRY[name]
 
 
-def get(name: str, data: Iterable[Any] | None = None, **options: Any) -> tp.importance.Importance:
-    """The torch-pruning Importance registered as ``name``; ``data`` goes to criteria that use it (ignored by the
-    others), ``options`` to its constructor (e.g. ``target="softmax"`` for jbr, ``confidence`` for jbr-batch)."""
+def default_normalizer(name: str) -> str:
+    """The normaliser :func:`get` applies to criterion ``name`` unless told otherwise."""
+    return _entry(name).normalizer or DEFAULT_NORMALIZER
+
+
+def get(name: str, data: Iterable[Any] | None = None, *, normalizer: str | None = None,
+        **options: Any) -> NormalizedImportance:
+    """The torch-pruning Importance registered as ``name``, its scores normalised per group by ``normalizer``
+    (one of :data:`~criteria.normalize.NORMALIZERS`; default :func:`default_normalizer`); ``data`` goes to
+    criteria that use it (ignored by the others), ``options`` to its constructor (e.g. ``target="softmax"`` for
+    jbr, ``confidence`` for jbr-batch). The criterion itself is ``.importance`` of the result."""
     entry = _entry(name)
+    normalizer = check_normalizer(normalizer or default_normalizer(name))
     try:
         importance = entry.make(data, **options) if entry.uses_data else entry.make(**options)
     except TypeError as err:
@@ -254,7 +282,7 @@ def get(name: str, data: Iterable[Any] | None = None, **options: Any) -> tp.impo
     if not isinstance(importance, tp.importance.Importance):
         raise CompressError(f"criterion {name!r} built a {type(importance).__name__}, not a torch-pruning Importance",
                             "make its factory return a torch_pruning.importance.Importance (e.g. a subclass)")
-    return importance
+    return NormalizedImportance(importance, normalizer, data)
 
 
 def prepare(importance: tp.importance.Importance, model: nn.Module, data: Iterable[Any] | None = None,
@@ -266,7 +294,8 @@ def prepare(importance: tp.importance.Importance, model: nn.Module, data: Iterab
     (or on structurally equal copies) costs nothing after the first time. ``graph``: the dependency graph the
     pruner will use (default: the model's own); ``ignored_layers``: the pruner's, so that the groups it will score
     are known before the pass (JBR then keeps one sum per channel instead of one value per sample and channel)."""
-    if isinstance(importance, GateImportance) and ignored_layers is not None:
-        importance.scored_groups_ignoring = list(ignored_layers)
+    inner = importance.importance if isinstance(importance, NormalizedImportance) else importance
+    if isinstance(inner, GateImportance) and ignored_layers is not None:
+        inner.scored_groups_ignoring = list(ignored_layers)
     if isinstance(importance, CalibratedImportance):
         importance.prepare(model, data, graph)

@@ -1,9 +1,10 @@
-"""Shared fixtures: a per-test cache folder unless a test asks for the real one, seeded torch."""
+"""Shared fixtures: a per-test cache folder unless a test asks for the real one, seeded torch, the tiny CNN."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tiny_resnet import batches, tiny  # noqa: F401  (fixtures: the float64 tiny residual CNN and its batches)
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from compress.errors import CompressError
 from criteria import registry
 from criteria.calibrated import CalibratedImportance
 
-BUILT_IN = ["jbr", "jbr-mac", "jbr-batch", "jacobian", "l1", "l2", "taylor", "hessian", "bn", "fpgm", "lamp", "random"]
+BUILT_IN = ["jbr", "jbr-centred", "jbr-mac", "jbr-batch", "jbr-ref", "jacobian", "l1", "l2", "taylor", "hessian", "bn", "fpgm", "lamp", "random"]
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,9 @@ def test_registered_criterion_is_seen_everywhere():
     assert not criteria.uses_data("l1-sum") and not criteria.needs_labels("l1-sum")
     assert "l1-sum" not in needs_labels_view
     imp = criteria.get("l1-sum", data=[torch.zeros(1, 3, 4, 4)])  # data is not passed to a data-free criterion
-    assert isinstance(imp, tp.importance.GroupMagnitudeImportance) and imp.p == 1 and imp.group_reduction == "sum"
+    inner = imp.importance
+    assert isinstance(inner, tp.importance.GroupMagnitudeImportance) and inner.p == 1 and inner.group_reduction == "sum"
+    assert imp.normalizer == criteria.DEFAULT_NORMALIZER
 
     criteria.register("labelled", CountingMagnitude, "needs (input, label) batches", uses_data=True, needs_labels=True)
     assert criteria.needs_labels("labelled") and "labelled" in needs_labels_view
@@ -70,8 +72,10 @@ def test_calibrated_user_criterion_gets_its_data_and_prunes():
     assert criteria.uses_data("counting") and not criteria.needs_labels("counting")
     torch.manual_seed(0)
     data = [torch.randn(4, 3, 8, 8) for _ in range(3)]
-    imp = criteria.get("counting", data, normalizer=None)
-    assert isinstance(imp, CountingMagnitude) and imp.data is data and imp.normalizer is None
+    imp = criteria.get("counting", data, normalizer="none", group_reduction="sum")
+    assert isinstance(imp.importance, CountingMagnitude) and imp.importance.data is data
+    assert imp.importance.group_reduction == "sum"
+    assert imp.normalizer == "none"
 
     model = _net().eval()
     example = torch.randn(1, 3, 8, 8)
@@ -92,7 +96,7 @@ def test_duplicate_name_needs_overwrite():
         assert "\n" not in str(err.value)
     criteria.register("mine", tp.importance.BNScaleImportance, "bn, mine", overwrite=True)
     assert criteria.describe()["mine"] == "bn, mine"
-    assert isinstance(criteria.get("mine"), tp.importance.BNScaleImportance)
+    assert isinstance(criteria.get("mine").importance, tp.importance.BNScaleImportance)
     assert criteria.names().count("mine") == 1
 
 

@@ -16,64 +16,7 @@ from compress.data import synthetic
 from compress.small_resnet import SmallResNet
 from criteria.jbr import JBRImportance, group_key
 from criteria.registry import HessianImportance, TaylorImportance
-
-X_SHAPE = (2, 6, 6)
-
-
-class TinyResNet(nn.Module):
-    """conv-BN-relu stem; two identity blocks (stem channels coupled with both); a block with a 1x1 downsample whose
-    second conv has no BN (gated on its own output, coupled with the downsample conv); linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.a1, self.abn1 = nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
-        self.a2, self.abn2 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.c1, self.cbn1 = nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
-        self.c2, self.cbn2 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.d1, self.dbn1 = nn.Conv2d(4, 5, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(5)
-        self.d2 = nn.Conv2d(5, 6, 3, padding=1)
-        self.down = nn.Conv2d(4, 6, 1, stride=2)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn0(self.stem(x)))
-        x = F.relu(self.abn2(self.a2(F.relu(self.abn1(self.a1(x))))) + x)
-        x = F.relu(self.cbn2(self.c2(F.relu(self.cbn1(self.c1(x))))) + x)
-        x = F.relu(self.d2(F.relu(self.dbn1(self.d1(x)))) + self.down(x))
-        return self.head(x.mean((2, 3)))
-
-
-GATED = ("bn0", "abn1", "abn2", "cbn1", "cbn2", "dbn1", "d2", "down", "head")  # outputs that vanish with a channel
-COUPLED = ({"bn0", "abn2", "cbn2"}, {"abn1"}, {"cbn1"}, {"dbn1"}, {"d2", "down"})  # gated layers per prunable group
-
-
-@pytest.fixture
-def tiny() -> TinyResNet:
-    torch.manual_seed(0)
-    net = TinyResNet().double()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 1.5)
-    return net.eval()
-
-
-@pytest.fixture
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(5, *X_SHAPE, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g))
-            for _ in range(2)]
-
-
-def graph_of(net: nn.Module) -> tp.DependencyGraph:
-    return tp.DependencyGraph().build_dependency(net, example_inputs=torch.zeros(1, *X_SHAPE, dtype=torch.float64))
-
-
-def groups_of(net: nn.Module) -> list:
-    return list(graph_of(net).get_all_groups(root_module_types=[nn.Conv2d, nn.Linear], ignored_layers=[net.head]))
-
+from tiny_resnet import COUPLED, GATED, X_SHAPE, TinyResNet, graph_of, groups_of
 
 def brute_force_rows(net: nn.Module, chunks: list[torch.Tensor], objective) -> dict[str, torch.Tensor]:
     """One backward per chunk (a sample, or a batch) of objective(logits, chunk index) w.r.t. the parameters,
@@ -103,8 +46,8 @@ def per_sample_objective(kind: str, net: nn.Module, batches: list) -> tuple[list
 
 def make(kind: str, batches: list, keep_rows: bool = False) -> criteria.registry.CalibratedImportance:
     if kind == "jacobian":
-        return criteria.get("jacobian", batches, keep_rows=keep_rows)
-    return criteria.get("jbr", batches, target=kind, keep_rows=keep_rows)
+        return criteria.get("jacobian", batches, keep_rows=keep_rows, normalizer="none")
+    return criteria.get("jbr", batches, target=kind, keep_rows=keep_rows, normalizer="none")
 
 
 def gated_names(net: nn.Module, group) -> set[str]:
@@ -152,7 +95,7 @@ def scaled_objective(net: nn.Module, x: torch.Tensor, cls: torch.Tensor, names: 
 
 @pytest.mark.parametrize("coupling", [{"bn0", "abn2", "cbn2"}, {"d2", "down"}])
 def test_coupled_score_is_the_first_order_change_of_removing_the_whole_group(tiny, batches, coupling):
-    imp = criteria.get("jbr", batches, keep_rows=True)
+    imp = criteria.get("jbr", batches, keep_rows=True, normalizer="none")
     x = torch.cat([b[0] for b in batches])
     with torch.no_grad():
         cls = tiny(x).argmax(1)
@@ -179,15 +122,16 @@ def test_scores_summed_per_group_equal_those_from_every_row_and_memory_stays_per
     channel); its scores equal those from the kept rows. A group from another graph (other roots) is scored by one
     more pass of its own. Not told them (inside any torch-pruning pruner), it keeps the rows."""
     options = {"confidence": 0.0} if name == "jbr-batch" else {}
-    summed, rows = criteria.get(name, batches, **options), criteria.get(name, batches, **options)
+    summed, rows = (criteria.get(name, batches, normalizer="none", **options),
+                    criteria.get(name, batches, normalizer="none", **options))
     criteria.prepare(summed, tiny, ignored_layers=[tiny.head])
     criteria.prepare(rows, tiny)
-    assert rows.derivatives is not None and not rows.sums
+    assert rows.derivatives is not None and not rows.moments
     for group in groups_of(tiny):
         torch.testing.assert_close(summed(group), rows(group), rtol=1e-6, atol=1e-12)
     assert summed.derivatives is None
-    assert sum(s.numel() for s in summed.sums.values()) <= max(c.stop for c in summed.columns.values())
-    first_keys, graph = set(summed.sums), graph_of(tiny)
+    assert sum(moments[0].numel() for moments in summed.moments.values()) <= max(c.stop for c in summed.columns.values())
+    first_keys, graph = set(summed.moments), graph_of(tiny)
     head_input = graph.get_pruning_group(tiny.head, tp.prune_linear_in_channels, idxs=list(range(tiny.head.in_features)))
     assert summed(head_input) is not None and group_key(head_input, graph._module2name) not in first_keys
     torch.testing.assert_close(summed(head_input), rows(head_input), rtol=1e-6, atol=1e-12)
@@ -198,7 +142,7 @@ def test_jbr_batch_is_the_squared_batch_gradient_of_confident_cross_entropy(tiny
     with torch.no_grad():
         probs = [tiny(x).softmax(1) for x in xs]
     threshold = float(torch.cat(probs).max(1).values.median())
-    imp = criteria.get("jbr-batch", batches, confidence=threshold, keep_rows=True)
+    imp = criteria.get("jbr-batch", batches, confidence=threshold, keep_rows=True, normalizer="none")
 
     def objective(out, i):
         conf, pseudo = probs[i].max(1)
@@ -238,17 +182,17 @@ def test_gradient_baselines_match_their_definitions(tiny, batches):
 
 
 def test_cache_is_reused_until_the_structure_changes_and_dense_targets_stay_frozen(tiny, batches):
-    imp = criteria.get("jbr", batches)
+    imp = criteria.get("jbr", batches, normalizer="none")
     pruner = tp.pruner.BasePruner(tiny, torch.zeros(1, *X_SHAPE, dtype=torch.float64), importance=imp,
                                   pruning_ratio=0.3, ignored_layers=[tiny.head], global_pruning=True, iterative_steps=2)
     group = groups_of(tiny)[0]
     imp(group)
-    first, targets = imp.sums, imp.dense_targets
+    first, targets = imp.moments, imp.dense_targets
     imp(group), criteria.prepare(imp, copy.deepcopy(tiny))  # same structure, even a copy: no new pass
-    assert imp.sums is first
+    assert imp.moments is first
     pruner.step()  # no prepare needed: the pruner's groups lead to the model, whose structure changed
     imp(groups_of(tiny)[0])
-    assert imp.sums is not first and imp.dense_targets is targets
+    assert imp.moments is not first and imp.dense_targets is targets
     assert max(c.stop for c in imp.columns.values()) == sum(dict(tiny.named_modules())[n].weight.shape[0] for n in GATED)
     with pytest.raises(CompressError, match="same calibration data"):
         imp.prepare(copy.deepcopy(tiny), list(reversed(batches)))
@@ -276,7 +220,7 @@ def test_every_criterion_runs_through_the_pruner(name):
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
     data = list(torch.utils.data.DataLoader(synthetic(16), batch_size=8))
-    imp = criteria.get(name, data, **({"confidence": 0.0} if name == "jbr-batch" else {}))  # random net: unsure
+    imp = criteria.get(name, data, **({"confidence": 0.0} if name in ("jbr-batch", "jbr-ref") else {}))  # random net: unsure
     assert isinstance(imp, tp.importance.Importance)
     before = sum(p.numel() for p in model.parameters())
     pruner = tp.pruner.BasePruner(model, torch.zeros(1, 1, 28, 28), importance=imp, global_pruning=True,
@@ -292,7 +236,7 @@ def test_jbr_mac_divides_by_the_macs_a_removal_really_saves(tiny, batches):
     from compress.plan import layer_macs
 
     x = torch.zeros(1, *X_SHAPE, dtype=torch.float64)
-    imp, plain = criteria.get("jbr-mac", batches), criteria.get("jbr", batches)
+    imp, plain = criteria.get("jbr-mac", batches), criteria.get("jbr", batches, normalizer="none")
     before = sum(layer_macs(tiny, x).values())
     for group in groups_of(tiny):
         scores, saved = imp(group), imp.macs_saved(group)
@@ -307,7 +251,7 @@ def test_jbr_mac_divides_by_the_macs_a_removal_really_saves(tiny, batches):
                                     "GrowingRegPruner"])
 @pytest.mark.parametrize("global_pruning", [True, False])
 def test_jbr_needs_no_hook_inside_any_torch_pruning_pruner(tiny, batches, pruner, global_pruning):
-    imp = criteria.get("jbr", batches)
+    imp = criteria.get("jbr", batches, normalizer="none")
     net = getattr(tp.pruner, pruner)(tiny, torch.zeros(1, *X_SHAPE, dtype=torch.float64), importance=imp,
                                      global_pruning=global_pruning, iterative_steps=2, pruning_ratio=0.3,
                                      ignored_layers=[tiny.head])
@@ -318,3 +262,98 @@ def test_jbr_needs_no_hook_inside_any_torch_pruning_pruner(tiny, batches, pruner
         assert tiny(batches[0][0]).shape == (5, 3)
     assert widths[1] < widths[0] and sum(p.numel() for p in tiny.parameters()) < 0.9 * sum(
         p.numel() for p in TinyResNet().parameters())
+
+
+def centred_brute_force(net: nn.Module, batches: list) -> dict[str, torch.Tensor]:
+    """Per sample and gated channel, Σ_positions (a − μ)·∂s/∂a with s = f_m(x), m the dense predicted class and μ
+    the channel's mean output over all samples and positions: one backward per sample through the kept outputs."""
+    modules = dict(net.named_modules())
+    xs, objective = per_sample_objective("predicted", net, batches)
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n in GATED]
+    try:
+        with torch.no_grad():
+            net(torch.cat(xs))
+            means = {n: o.transpose(0, 1).reshape(o.shape[1], -1).mean(1) for n, o in outputs.items()}
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in GATED}
+        for i, x in enumerate(xs):
+            s = objective(net(x), i)
+            grads = torch.autograd.grad(s, [outputs[n] for n in GATED])
+            for n, g in zip(GATED, grads):
+                centred = outputs[n] - means[n].reshape(1, -1, *[1] * (g.dim() - 2))
+                rows[n].append((centred * g).reshape(1, g.shape[1], -1).sum(2)[0].detach())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.stack(r) for n, r in rows.items()}
+
+
+@pytest.mark.parametrize("planned", [True, False])
+def test_centred_jbr_squares_the_coupled_sum_of_brute_force_mean_replacement_effects(tiny, batches, planned):
+    imp = criteria.get("jbr-centred", batches, normalizer="none")
+    if planned:  # the groups are known before the pass: moments per group, no rows kept
+        criteria.prepare(imp, tiny, batches, ignored_layers=[tiny.head])
+        assert imp.derivatives is None and imp.moments
+    rows = centred_brute_force(tiny, batches)
+    for group in groups_of(tiny):
+        names = gated_names(tiny, group)
+        expected = (sum(rows[n] for n in names) ** 2).mean(0)
+        torch.testing.assert_close(imp(group).double(), expected, rtol=1e-5, atol=1e-9)
+    if not planned:
+        assert imp.derivatives is not None and imp.shift_derivatives is not None
+
+
+def test_centring_changes_the_scores_only_by_the_mean_term(tiny, batches):
+    plain = criteria.get("jbr", batches, normalizer="none")
+    centred = criteria.get("jbr-centred", batches, normalizer="none")
+    differs = [not torch.allclose(plain(g), centred(g)) for g in groups_of(tiny)]
+    assert all(differs)
+
+
+def _scaled_gradients(net: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """∂L/∂s of L = mean CE(f(x), y*) for a multiplicative gate s on each layer's output channels (every parameter
+    of the channel scaled) and on each conv/linear's input channels, by autograd through torch.func."""
+    from torch.func import functional_call
+
+    modules = dict(net.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    for name in ("a1", "abn1", "a2", "d1", "dbn1", "d2"):
+        layer = modules[name]
+        sides = ("out",) if isinstance(layer, nn.BatchNorm2d) else ("out", "in")
+        for side in sides:
+            width = layer.weight.shape[0 if side == "out" else 1]
+            s = torch.ones(width, dtype=torch.float64, requires_grad=True)
+            shape = (-1,) + (1,) * (layer.weight.dim() - 1) if side == "out" else (1, -1) + (1,) * (layer.weight.dim() - 2)
+            params = {f"{name}.weight": layer.weight * s.reshape(shape)}
+            if side == "out" and layer.bias is not None:
+                params[f"{name}.bias"] = layer.bias * s
+            loss = F.cross_entropy(functional_call(net, params, (x,)), classes)
+            out[f"{name}:{side}"] = torch.autograd.grad(loss, s)[0]
+    return out
+
+
+def test_jbr_ref_sums_the_squared_per_layer_gate_derivatives_of_the_batch_loss(tiny, batches):
+    x = torch.cat([b[0] for b in batches])
+    with torch.no_grad():
+        classes = tiny(x).argmax(1)
+    imp = criteria.get("jbr-ref", [x], confidence=0.0)  # one batch of every sample: the order does not matter
+    assert imp.normalizer == "none"
+    d = _scaled_gradients(tiny, x, classes)
+    expected = {"a1": d["a1:out"] ** 2 + d["abn1:out"] ** 2 + d["a2:in"] ** 2,
+                "d1": d["d1:out"] ** 2 + d["dbn1:out"] ** 2 + d["d2:in"] ** 2}
+    graph = graph_of(tiny)
+    for name, value in expected.items():
+        group = graph.get_pruning_group(getattr(tiny, name), tp.prune_conv_out_channels, idxs=list(range(len(value))))
+        torch.testing.assert_close(imp(group).double(), value, rtol=1e-5, atol=1e-12)
+
+
+def test_jbr_ref_reshuffles_its_confident_pool_at_every_pass(tiny, batches):
+    imp = criteria.get("jbr-ref", batches, confidence=0.0, batch_size=3).importance
+    criteria.prepare(imp, tiny)
+    first = {k: v.clone() for k, v in imp.terms.items()}
+    imp.invalidate()
+    criteria.prepare(imp, tiny)
+    assert imp.passes == 2 and len(imp.pool[1]) == 10
+    assert any(not torch.allclose(first[k], imp.terms[k]) for k in first)  # other batches, other batch gradients
+    with pytest.raises(CompressError, match="no calibration sample has dense confidence > 0.999"):
+        criteria.prepare(criteria.get("jbr-ref", batches, confidence=0.999), tiny)

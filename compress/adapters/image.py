@@ -36,6 +36,16 @@ LOCAL_INPUT_SHAPES: dict[str, Callable[[dict], tuple[int, ...]]] = {
     "small_resnet": lambda kw: (int(kw.get("in_channels", 1)), 28, 28),
 }
 
+# Representative Fashion-MNIST models of the pruning benchmark: name -> (architecture, its kwargs, input shape).
+# The CIFAR ResNet-20 / ResNet-56 layouts (16/32/64 channels, 3 or 9 BasicBlocks per stage, 1x1-conv shortcuts),
+# a wide control (64/128/256, one block per stage) and torchvision's ResNet-18 on 3x32x32 upsampled images.
+PRESETS: dict[str, tuple[str, dict[str, Any], tuple[int, ...] | None]] = {
+    "resnet20_fmnist": ("small_resnet", {"blocks": [3, 3, 3]}, None),
+    "resnet56_fmnist": ("small_resnet", {"blocks": [9, 9, 9]}, None),
+    "wide_resnet_fmnist": ("small_resnet", {"widths": [64, 128, 256]}, None),
+    "resnet18_fmnist": ("resnet18", {"num_classes": 10}, (3, 32, 32)),
+}
+
 
 def torchvision_archs() -> list[str]:
     """Names of torchvision's image-classification builders."""
@@ -68,6 +78,12 @@ def builder(arch: str) -> Callable[..., nn.Module]:
 
 def default_input_shape(arch: str, kwargs: dict[str, Any]) -> tuple[int, ...]:
     return LOCAL_INPUT_SHAPES[arch](kwargs) if arch in LOCAL_INPUT_SHAPES else IMAGENET_INPUT_SHAPE
+
+
+def preset_spec(name: str) -> ModelSpec:
+    """The spec of image preset ``name`` (random weights)."""
+    arch, kwargs, input_shape = PRESETS[name]
+    return make_spec(arch, kwargs, input_shape)
 
 
 def make_spec(arch: str, kwargs: dict[str, Any] | None = None, input_shape: tuple[int, ...] | None = None,

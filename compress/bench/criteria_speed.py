@@ -1,8 +1,10 @@
 """``python -m compress.bench criteria``: cost of each criterion's scoring per calibration image, relative to a
 plain forward+backward of the same model on the same batches (throughput ratio, measured in one run).
 
-Scoring = ``criteria.prepare`` (the calibration passes) + one ``__call__`` per prunable group. Plain = cross-entropy
-forward + backward per batch. On CUDA: bf16 autocast and channels_last for both.
+Scoring = ``criteria.prepare`` (the calibration passes, told the groups to score as :func:`compress.prune` does) +
+one ``__call__`` per prunable group. Plain = cross-entropy forward + backward per batch. On CUDA: bf16 autocast and
+channels_last for both. "state": what a gate criterion keeps between passes (per-group sums and moments, kept
+rows), the frozen dense targets excluded.
 """
 
 from __future__ import annotations
@@ -70,27 +72,31 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     base = timed(plain)
     adapter, example = adapter_for(model), batches[0][0][:1]
     graph = adapter.dependency_graph(model, example)
-    groups = list(graph.get_all_groups(root_module_types=[torch.nn.Conv2d, torch.nn.Linear],
-                                       ignored_layers=adapter.never_pruned(model)
-                                       + adapter.outside_pruning_scope(model, example)))
+    ignored = adapter.never_pruned(model) + adapter.outside_pruning_scope(model, example)
+    groups = list(graph.get_all_groups(root_module_types=[torch.nn.Conv2d, torch.nn.Linear], ignored_layers=ignored))
     rows = []
     for name in args.criteria:
+        state = [0]
+
         def score() -> None:
             imp = criteria.get(name)
-            criteria.prepare(imp, model, batches)
+            criteria.prepare(imp, model, batches, graph, ignored)
             for group in groups:
                 imp(group)
             model.zero_grad(set_to_none=True)
+            state[0] = getattr(imp.importance, "state_bytes", 0)
 
         seconds = timed(score)
         rows.append({"criterion": name, "ms_per_image": 1000 * seconds / images,
-                     "throughput_vs_fwd_bwd": base / seconds})
-        print(f"{name}: {1000 * seconds / images:.3f} ms/image, {base / seconds:.2f}x plain fwd+bwd throughput", flush=True)
+                     "throughput_vs_fwd_bwd": base / seconds, "state_bytes": state[0]})
+        print(f"{name}: {1000 * seconds / images:.3f} ms/image, {base / seconds:.2f}x plain fwd+bwd throughput, "
+              f"state {state[0] / 1e3:.1f} kB", flush=True)
     payload = {"benchmark": "criteria", "machine": machine(), "settings": vars(args),
                "plain_fwd_bwd_ms_per_image": 1000 * base / images, "rows": rows}
     write_json(out / "criteria.json", payload)
-    table = [[r["criterion"], f"{r['ms_per_image']:.3f}", f"{r['throughput_vs_fwd_bwd']:.2f}"] for r in rows]
+    table = [[r["criterion"], f"{r['ms_per_image']:.3f}", f"{r['throughput_vs_fwd_bwd']:.2f}",
+              f"{r['state_bytes'] / 1e3:.1f}"] for r in rows]
     write_text(out / "criteria.md", f"{args.model}, batch {args.batch_size} x {args.batches}, {device}; plain fwd+bwd "
-               f"{1000 * base / images:.3f} ms/image\n\n" + markdown_table(["criterion", "ms / image", "throughput vs plain fwd+bwd"], table),
+               f"{1000 * base / images:.3f} ms/image\n\n" + markdown_table(["criterion", "ms / image", "throughput vs plain fwd+bwd", "state kB"], table),
                overwrite=True)
     return payload

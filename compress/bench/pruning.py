@@ -1,14 +1,18 @@
-"""``python -m compress.bench pruning``: every criterion at several MACs targets on the Fashion-MNIST reference model.
+"""``python -m compress.bench pruning``: every criterion, under each normaliser, in two protocols, on the Fashion-MNIST
+benchmark models.
 
-Per (criterion, target, seed): top-1 and agreement with the dense model right after pruning, after BatchNorm
-recalibration, and after distillation from the dense model (``--distill-epochs``). The seed varies the
-calibration subset and the random criterion. Mean ± std over seeds.
+Protocols (:mod:`compress.bench.pruning_protocols`): ``ours`` (MACs targets, then BN recalibration, then
+distillation) and ``paper`` (the TPV paper's: global share of filters 10–90%, no recovery). Arms: ``--normalizers``
+(each criterion's scores rescaled the same way, :mod:`criteria.normalize`) and ``--mean-replacement``. The seed
+varies the calibration subset and the random criterion; criteria that use neither run once. Every finished run is
+appended to ``pruning-rows.jsonl`` in the output folder and skipped when the command is run again, so the grid can
+be run in parts (and resumed) into one folder; JSON, Markdown and plots cover every row of the folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,128 +20,261 @@ import torch
 
 import criteria
 
+from ..adapters.spec import spec_of
 from ..atomic import write_text
 from ..data import FashionMNIST, calibration, loader
+from ..errors import CompressError
 from ..evaluate import compare
-from ..models import resolve
-from ..prune import Target, prune
+from ..models import HF_PRESETS, IMAGE_PRESETS, resolve
 from ..output import fmt, machine, markdown_table, mean_std, save_figure, write_json
-from ..recover import distill, recalibrate_bn
 from ..train import TrainConfig
+from .pruning_protocols import STAGES, paper_mean_top1, run_ours, run_paper, seeded
 
-STAGES = ("pruned", "recal", "distill")
-
-
-ARCHS = ("small_resnet", "vit_fmnist")  # models trained on the embedded Fashion-MNIST (cached)
+ARCHS = ("small_resnet", *IMAGE_PRESETS, *HF_PRESETS)  # models trained on the embedded Fashion-MNIST (cached)
+TRAIN_EPOCHS = {"small_resnet": 3, "resnet20_fmnist": 6, "resnet18_fmnist": 5, "resnet56_fmnist": 4,
+                "wide_resnet_fmnist": 3, "vit_fmnist": 12}  # the cached models of BENCHMARKS.md
+DEFAULT_CRITERIA = [n for n in criteria.names() if n != "jbr-mac"]  # jbr-mac is jbr under --normalizers macs
+ROWS_FILE = "pruning-rows.jsonl"
+KEY = ("protocol", "arch", "criterion", "normalizer", "mean_replacement", "target", "seed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="small_resnet", choices=ARCHS,
-                   help="vit_fmnist: a transformers ViT (patches of 7), MLP channels pruned")
-    p.add_argument("--train-epochs", type=int, default=None, help="epochs of the dense model's training "
-                   "(default: TrainConfig's); part of its cache key")
-    p.add_argument("--criteria", nargs="+", default=criteria.names(), choices=criteria.names())
-    p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    p.add_argument("--arch", default="small_resnet", choices=ARCHS)
+    p.add_argument("--train-epochs", type=int, default=None, help="epochs of the dense model's training (default: "
+                   "TRAIN_EPOCHS of the arch); part of its cache key")
+    p.add_argument("--train-samples", type=int, default=None, help="train the dense model on a subset (tests)")
+    p.add_argument("--protocol", default="ours", choices=("ours", "paper"))
+    p.add_argument("--criteria", nargs="+", default=DEFAULT_CRITERIA, choices=criteria.names())
+    p.add_argument("--normalizers", nargs="+", default=["none", "mean"], choices=criteria.NORMALIZERS)
+    p.add_argument("--mean-replacement", default="off", choices=("off", "on", "both"))
+    p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5, 0.3], help="MACs fractions (ours)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--calibration", type=int, default=512)
+    p.add_argument("--steps", type=int, default=5, help="pruning steps (ours)")
+    p.add_argument("--calibration", type=int, default=512, help="calibration samples")
+    p.add_argument("--calibration-batch", type=int, default=64)
     p.add_argument("--recal-samples", type=int, default=2048)
-    p.add_argument("--distill-epochs", type=float, default=1.0, help="0 skips distillation")
+    p.add_argument("--distill-epochs", type=float, default=1.0, help="0 skips distillation (ours)")
+    p.add_argument("--distill-criteria", nargs="+", default=None, help="distil only these (default: all)")
     p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--option", action="append", default=[], metavar="CRITERION:KEY=VALUE",
+                   help="a criterion option (VALUE read as JSON), e.g. jbr-ref:samples=6400; repeatable")
     p.add_argument("--recalibrate-steps", action="store_true",
-                   help="re-estimate BN statistics on the calibration inputs between pruning steps")
+                   help="re-estimate BN statistics on the calibration inputs between pruning steps (ours)")
+
+
+def criterion_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["jbr-ref:samples=6400", ...]`` -> {"jbr-ref": {"samples": 6400}}; a one-line error for a malformed item."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, _, assignment = item.partition(":")
+        key, equals, value = assignment.partition("=")
+        if not (name and key and equals) or name not in criteria.names():
+            raise CompressError(f"--option {item!r} is not CRITERION:KEY=VALUE with a registered criterion",
+                                "e.g. --option jbr-ref:samples=6400")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        options.setdefault(name, {})[key] = parsed
+    return options
+
+
+def _dense(args: argparse.Namespace) -> torch.nn.Module:
+    epochs = args.train_epochs or TRAIN_EPOCHS.get(args.arch, TrainConfig().epochs)
+    return resolve(args.arch, weights="train", train_config=TrainConfig(epochs=epochs, train_samples=args.train_samples),
+                   progress=False)
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return tuple(row.get(k) for k in KEY)
+
+
+def _load_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as f:  # one line per finished run: an interrupted grid loses only the run in progress
+        f.write(json.dumps(row, default=str) + "\n")
+
+
+def _planned(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every run the command asks for, in order (seed-free criteria once)."""
+    replacements = {"off": [False], "on": [True], "both": [False, True]}[args.mean_replacement]
+    targets = args.targets if args.protocol == "ours" else [None]
+    runs = []
+    for seed in range(args.seeds):
+        for target in targets:
+            for name in args.criteria:
+                if seed > 0 and not seeded(name):
+                    continue
+                for normalizer in args.normalizers:
+                    for replacement in replacements:
+                        runs.append({"protocol": args.protocol, "arch": args.arch, "criterion": name,
+                                     "normalizer": normalizer, "mean_replacement": replacement, "target": target,
+                                     "seed": seed})
+    return runs
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    train_config = TrainConfig() if args.train_epochs is None else TrainConfig(epochs=args.train_epochs)
-    dense = resolve(args.arch, weights="train", train_config=train_config)
-    train, test_set = FashionMNIST("train"), FashionMNIST("test")
+    options = criterion_options(args.option)
+    dense = _dense(args)
+    channels, size = spec_of(dense).input_shape[0], spec_of(dense).input_shape[-1]
+    train = FashionMNIST("train", channels=channels, image_size=size)
+    test_set = FashionMNIST("test", channels=channels, image_size=size)
     if args.test_limit:
         test_set = torch.utils.data.Subset(test_set, range(args.test_limit))
-    test = loader(test_set, 1000)
+    test = loader(test_set, 500)
     dense_top1 = compare(dense, dense, test).top1
-    rows: list[dict[str, Any]] = []
-    for seed in range(args.seeds):
-        calib = calibration(train, args.calibration, 64, seed=seed)
-        recal = calibration(train, args.recal_samples, 128, seed=1000 + seed)
-        for target in args.targets:
-            for name in args.criteria:
-                torch.manual_seed(seed)
-                row: dict[str, Any] = {"criterion": name, "target": target, "seed": seed}
-                start = time.perf_counter()
-                try:
-                    r = prune(dense, calib, name, Target(macs=target), steps=args.steps,
-                              recalibrate=args.recalibrate_steps, progress=False)
-                except Exception as err:  # a criterion that cannot reach the target is a result
-                    rows.append({**row, "error": str(err)})
-                    print(f"{name} @ {target}: {err}", flush=True)
-                    continue
-                row.update(macs_ratio=r.macs_ratio, params_ratio=r.params_ratio, prune_seconds=time.perf_counter() - start,
-                           widths={l.name: l.after for l in r.layers})
-                for stage in STAGES:
-                    if stage == "recal":
-                        recalibrate_bn(r.model, recal, progress=False)
-                    elif stage == "distill":
-                        if args.distill_epochs <= 0:
-                            break
-                        steps = int(args.distill_epochs * len(train) // 128)
-                        start = time.perf_counter()
-                        distill(r.model, dense, loader(train, 128, shuffle=True, seed=seed), steps=steps, seed=seed,
-                                progress=False)
-                        row["distill_seconds"] = time.perf_counter() - start
-                    c = compare(r.model, dense, test)
-                    row[f"top1_{stage}"], row[f"agreement_{stage}"], row[f"kl_{stage}"] = c.top1, c.agreement, c.kl
-                rows.append(row)
-                print(f"{name} @ {target} seed {seed}: MACs {r.macs_ratio:.3f} "
-                      + " ".join(f"{s} {100 * row[f'top1_{s}']:.1f}%" for s in STAGES if f"top1_{s}" in row), flush=True)
-    payload = {"benchmark": "pruning", "machine": machine(), "settings": vars(args), "dense_top1": dense_top1, "rows": rows}
+    rows_path = out / ROWS_FILE
+    done = {_key(r) for r in _load_rows(rows_path)}
+    distill_steps = int(args.distill_epochs * len(train) // 128)
+    for row in _planned(args):
+        if _key(row) in done:
+            continue
+        seed = row["seed"]
+        calib = calibration(train, args.calibration, args.calibration_batch, seed=seed)
+        torch.manual_seed(seed)
+        row["dense_top1"] = dense_top1
+        try:
+            if args.protocol == "ours":
+                distilled = args.distill_criteria is None or row["criterion"] in args.distill_criteria
+                run_ours(row, dense, calib, calibration(train, args.recal_samples, 128, seed=1000 + seed), test,
+                         (lambda: loader(train, 128, shuffle=True, seed=seed)) if distilled else None, distill_steps,
+                         args.steps, args.recalibrate_steps, options.get(row["criterion"]))
+            else:
+                run_paper(row, dense, calib, test, options.get(row["criterion"]))
+        except Exception as err:  # a criterion that cannot reach the target is a result
+            row["error"] = f"{type(err).__name__}: {err}"
+        _append_row(rows_path, row)
+        print(_progress_line(row), flush=True)
+    rows = _load_rows(rows_path)
+    payload = {"benchmark": "pruning", "machine": machine(), "settings": vars(args), "rows": rows}
     write_json(out / "pruning.json", payload)
-    write_text(out / "pruning.md", _markdown(rows, args, dense_top1), overwrite=True)
-    _plot(rows, args, out, dense_top1)
+    write_text(out / "pruning.md", markdown(rows), overwrite=True)
+    plot(rows, out)
     return payload
 
 
-def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, dense_top1: float) -> str:
-    header = ["criterion", "MACs", "params", "top-1 pruned", "top-1 BN-recal", "top-1 distilled", "agreement distilled",
-              "prune s"]
-    text = [f"{args.arch}: dense top-1 {100 * dense_top1:.2f}%; mean ± std over {args.seeds} seed(s); top-1 in %.\n"]
-    for target in args.targets:
+def _progress_line(row: dict[str, Any]) -> str:
+    name = f"{row['arch']} {row['protocol']} {row['criterion']}/{row['normalizer']}" + (
+        "+mr" if row["mean_replacement"] else "") + f" seed {row['seed']}"
+    if "error" in row:
+        return f"{name}: {row['error']}"
+    if row["protocol"] == "paper":
+        return f"{name}: mean top-1 over 10-70% filters {100 * paper_mean_top1(row):.1f}% ({row['prune_seconds']:.0f} s)"
+    return f"{name} @ {row['target']}: MACs {row['macs_ratio']:.3f} " + " ".join(
+        f"{s} {100 * row[f'top1_{s}']:.1f}%" for s in STAGES if f"top1_{s}" in row)
+
+
+def _arm(row: dict[str, Any]) -> str:
+    return row["normalizer"] + (" + mean repl." if row["mean_replacement"] else "")
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """One section per (arch, protocol): ours per MACs target, paper as top-1 per share of filters."""
+    text = []
+    for arch, protocol in sorted({(r["arch"], r["protocol"]) for r in rows}):
+        sel = [r for r in rows if r["arch"] == arch and r["protocol"] == protocol]
+        dense = sel[0].get("dense_top1", float("nan"))
+        text.append(f"## {arch}, protocol {protocol} (dense top-1 {100 * dense:.2f}%; mean ± std over seeds; top-1 in %)\n")
+        text.append(_ours_tables(sel) if protocol == "ours" else _paper_table(sel))
+    return "\n".join(text)
+
+
+def _groups(rows: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(criterion, arm, rows) in first-seen order."""
+    order: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        order.setdefault((r["criterion"], _arm(r)), []).append(r)
+    return [(c, a, rs) for (c, a), rs in order.items()]
+
+
+def _ours_tables(rows: list[dict[str, Any]]) -> str:
+    header = ["criterion", "normaliser", "seeds", "MACs", "top-1 pruned", "top-1 BN-recal", "top-1 distilled", "prune s"]
+    text = []
+    for target in sorted({r["target"] for r in rows}, reverse=True):
         table = []
-        for name in args.criteria:
-            sel = [r for r in rows if r["criterion"] == name and r["target"] == target]
+        for name, arm, sel in _groups([r for r in rows if r["target"] == target]):
             good = [r for r in sel if "error" not in r]
             if not good:
-                table.append([name, "failed: " + (sel[0]["error"][:60] if sel else "?")] + [""] * 6)
+                table.append([name, arm, len(sel), "failed: " + sel[0]["error"][:60], "", "", "", ""])
                 continue
-            table.append([name, fmt([r["macs_ratio"] for r in good], 1, 3), fmt([r["params_ratio"] for r in good], 1, 3)]
+            table.append([name, arm, len(good), fmt([r["macs_ratio"] for r in good], 1, 3)]
                          + [fmt([r.get(f"top1_{s}") for r in good]) for s in STAGES]
-                         + [fmt([r.get("agreement_distill") for r in good]), f"{mean_std([r['prune_seconds'] for r in good])[0]:.1f}"])
+                         + [f"{mean_std([r['prune_seconds'] for r in good])[0]:.0f}"])
         text.append(f"### MACs target {target}\n\n" + markdown_table(header, table))
     return "\n".join(text)
 
 
-def _plot(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path, dense_top1: float) -> None:
+def _paper_table(rows: list[dict[str, Any]]) -> str:
+    shares = sorted({p["filters_removed"] for r in rows for p in r.get("points", [])})
+    header = ["criterion", "normaliser", "seeds", "mean 10–70%"] + [f"{round(100 * s)}%" for s in shares] + ["s"]
+    table = []
+    for name, arm, sel in _groups(rows):
+        good = [r for r in sel if "points" in r]
+        if not good:
+            table.append([name, arm, len(sel), "failed: " + sel[0].get("error", "?")[:60]] + [""] * (len(shares) + 1))
+            continue
+        cells = [fmt([next((p["top1"] for p in r["points"] if p["filters_removed"] == s), None) for r in good])
+                 for s in shares]
+        table.append([name, arm, len(good), fmt([paper_mean_top1(r) for r in good])] + cells
+                     + [f"{mean_std([r['prune_seconds'] for r in good])[0]:.0f}"])
+    macs = {s: mean_std([p["macs_ratio"] for r in rows for p in r.get("points", []) if p["filters_removed"] == s])[0]
+            for s in shares}
+    note = "MACs kept (mean over criteria): " + ", ".join(f"{round(100 * s)}%: {macs[s]:.2f}" for s in shares)
+    return markdown_table(header, table) + "\n" + note + "\n"
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    """pruning.png: per (arch, protocol), top-1 against MACs (ours: one panel per stage; paper: against the share
+    of filters, MACs and parameters), one line per criterion and arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [s for s in STAGES if any(f"top1_{s}" in r for r in rows)]
-    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4.5), sharey=True)
-    for ax, stage in zip([axes] if len(stages) == 1 else axes, stages):
-        for i, name in enumerate(args.criteria):
-            points = []
-            for target in args.targets:
-                good = [r for r in rows if r["criterion"] == name and r["target"] == target and f"top1_{stage}" in r]
-                if good:
-                    m, s = mean_std([100 * r[f"top1_{stage}"] for r in good])
-                    points.append((mean_std([r["macs_ratio"] for r in good])[0], m, s))
+    panels = []
+    for arch, protocol in sorted({(r["arch"], r["protocol"]) for r in rows}):
+        sel = [r for r in rows if r["arch"] == arch and r["protocol"] == protocol and "error" not in r]
+        if protocol == "ours":
+            panels += [(arch, protocol, sel, s) for s in STAGES if any(f"top1_{s}" in r for r in sel)]
+        else:
+            panels += [(arch, protocol, sel, axis) for axis in ("filters_removed", "macs_ratio", "params_ratio")]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (arch, protocol, sel, what) in zip(axes[0], panels):
+        for i, (name, arm, group) in enumerate(_groups(sel)):
+            points = _curve(group, protocol, what)
             if points:
                 xs, ys, es = zip(*sorted(points))
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name, color=plt.cm.tab20(i % 20),
-                            ls="-" if name.startswith(("jbr", "jacobian")) else "--")
-        ax.axhline(100 * dense_top1, color="k", ls="--", lw=0.8, label="dense")
-        ax.set(title=f"top-1 after: {stage}", xlabel="MACs kept (fraction of dense)", ylabel="top-1 %")
-    (axes if len(stages) > 1 else [axes])[0].legend(fontsize=7)
+                ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=f"{name} ({arm})",
+                            color=plt.cm.tab20(i % 20), ls="-" if name.startswith(("jbr", "jacobian")) else "--")
+        xlabel = {"filters_removed": "share of filters removed", "macs_ratio": "MACs kept", "params_ratio": "params kept"}
+        ax.set(title=f"{arch} {protocol}: " + (f"after {what}" if protocol == "ours" else "no recovery"),
+               xlabel=xlabel.get(what, "MACs kept (fraction of dense)"), ylabel="top-1 %")
+    axes[0][0].legend(fontsize=6)
     save_figure(fig, out / "pruning.png")
     plt.close(fig)
+
+
+def _curve(rows: list[dict[str, Any]], protocol: str, what: str) -> list[tuple[float, float, float]]:
+    if protocol == "ours":
+        points = []
+        for target in sorted({r["target"] for r in rows}):
+            good = [r for r in rows if r["target"] == target and f"top1_{what}" in r]
+            if good:
+                m, s = mean_std([100 * r[f"top1_{what}"] for r in good])
+                points.append((mean_std([r["macs_ratio"] for r in good])[0], m, s))
+        return points
+    shares = sorted({p["filters_removed"] for r in rows for p in r["points"]})
+    points = []
+    for share in shares:
+        at = [p for r in rows for p in r["points"] if p["filters_removed"] == share]
+        m, s = mean_std([100 * p["top1"] for p in at])
+        points.append((mean_std([p[what] for p in at])[0], m, s))
+    return points
+

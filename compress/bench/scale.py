@@ -40,12 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
 
 
-def _state_bytes(importance: Any) -> int:
-    """Bytes of what a JBR importance keeps between passes (sums, rows), the frozen dense targets excluded."""
-    rows = importance.derivatives.nbytes if importance.derivatives is not None else 0
-    return rows + sum(s.nbytes for s in importance.sums.values())
-
-
 def memory_rows(model: torch.nn.Module, sizes: list[int], batch_size: int) -> list[dict[str, Any]]:
     """JBR's kept state and score agreement of the summed (default) and kept-rows modes at each size."""
     shape = spec_of(model).input_shape
@@ -61,7 +55,7 @@ def memory_rows(model: torch.nn.Module, sizes: list[int], batch_size: int) -> li
         criteria.prepare(summed, model, ignored_layers=ignored), criteria.prepare(kept, model)
         diff = max(float(((summed(g) - kept(g)).abs() / kept(g).abs().clamp_min(1e-30)).max()) for g in groups)
         targets = sum(t.nbytes for t in summed.dense_targets)
-        rows.append({"samples": size, "summed_bytes": _state_bytes(summed), "rows_bytes": _state_bytes(kept),
+        rows.append({"samples": size, "summed_bytes": summed.state_bytes, "rows_bytes": kept.state_bytes,
                      "dense_targets_bytes": targets, "max_rel_diff": diff})
     return rows
 

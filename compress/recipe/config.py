@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..backends.candidates import Choice, parse_candidate
+from criteria.normalize import NORMALIZERS
+
 from ..errors import CompressError
 from ..plan import ALLOCATORS, PREDICTORS
 
@@ -70,6 +72,13 @@ class PruneSection:
     ignored_layers: list[str] = field(default_factory=list)
     max_layer_ratio: float = 0.9
     recalibrate: bool = False  # re-estimate BN statistics on the calibration inputs between pruning steps
+    normalizer: str | None = None  # per-group rescaling of the scores (criteria.NORMALIZERS); None: the criterion's
+    mean_replacement: bool = False  # fold removed channels' mean inputs into the next layers' biases
+
+    def __post_init__(self) -> None:
+        if self.normalizer is not None and self.normalizer not in NORMALIZERS:
+            raise CompressError(f"prune.normalizer={self.normalizer!r} is not one of {', '.join(NORMALIZERS)}",
+                                "e.g. --set prune.normalizer=mean")
 
 
 @dataclass(frozen=True)
