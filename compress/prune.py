@@ -27,6 +27,8 @@ import criteria
 
 from . import latency
 from .adapters import ModelAdapter, adapter_for, identify
+from .adapters.heads import (HEAD_PREFIX, attention_heads, head_scores, heads_to_remove, lowest_heads, remove_heads,
+                             scoring_group)
 from .adapters.spec import attach_spec, user_spec, with_history
 from criteria.normalize import NormalizedImportance, check_normalizer
 
@@ -213,6 +215,8 @@ class _Run:
     tolerance: float
     max_bisections: int
     mean_replacement: bool = False
+    prune_heads: bool = True
+    head_count: int = 0  # key/value heads the trials of the current step remove
     input_means: dict[str, torch.Tensor] = field(default_factory=dict)  # of the model the step's trials start from
     unfolded: set[str] = field(default_factory=set)  # layers mean replacement could not fold into (any trial)
 
@@ -238,7 +242,10 @@ def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, 
                                       round_to=run.round_to or run.adapter.round_to(net),
                                       unwrapped_parameters=run.adapter.unwrapped_parameters(net))
     pruner.DG = run.adapter.pruning_graph(net, split_outputs_in_order(pruner.DG))
-    criteria.prepare(run.importance, net, run.calib, pruner.DG, ignored)
+    units = attention_heads(net) if run.prune_heads else []
+    head_groups = [scoring_group(unit, pruner.DG) for unit in units]
+    criteria.prepare(run.importance, net, run.calib, pruner.DG, ignored, extra_groups=head_groups)
+    scored = [(unit, s) for unit in units if (s := head_scores(run.importance, unit, pruner.DG)) is not None]
     with quiet_third_party():
         if run.mean_replacement:
             unfolded = set()
@@ -248,9 +255,13 @@ def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, 
             run.unfolded.update(unfolded)
         else:
             pruner.step()
+    entries = [tuple(h) for h in pruner.pruning_history()]
+    for name, heads in lowest_heads(scored, run.head_count, run.max_layer_ratio).items():
+        remove_heads(next(unit for unit in units if unit.name == name), heads)
+        entries.append((HEAD_PREFIX + name, True, heads))
     run.adapter.sync_after_pruning(net)
     value = count_macs_params(net, run.example)[run.metric_index] / run.dense_value
-    return net, value, [tuple(h) for h in pruner.pruning_history()]
+    return net, value, entries
 
 
 def _next_guess(lo: tuple[float, float], hi: tuple[float, float], aim: float) -> float:
@@ -311,7 +322,8 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
           round_to: int | None = None, ignored_layers: Sequence[nn.Module | str] = (), max_layer_ratio: float = 0.9,
           global_pruning: bool = True, calibration_samples: int = 512, batch_size: int = 64, seed: int = 0,
           criterion_options: dict[str, Any] | None = None, normalizer: str | None = None, max_bisections: int = 20,
-          recalibrate: bool = False, mean_replacement: bool = False, progress: bool = True) -> PruneResult:
+          recalibrate: bool = False, mean_replacement: bool = False, prune_heads: bool = True,
+          progress: bool = True) -> PruneResult:
     """Prune a copy of ``model`` with ``criterion`` until ``target`` is met (within ``tolerance``, below if possible).
 
     ``criterion``: a registered name (``criteria.names()``) or any torch-pruning ``Importance`` object (a
@@ -325,6 +337,9 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
     BN statistics are those of the step before the last).
     ``mean_replacement``: fold each removed channel's mean input (over the calibration data) into the next layers'
     biases (:mod:`compress.mean_replacement`), so the pruned model keeps every layer's mean output.
+    ``prune_heads``: in Hugging Face transformers, also remove whole attention heads (with grouped-query attention,
+    a key/value head and its query heads; :mod:`compress.adapters.heads`): each step removes the lowest-scored
+    heads over all layers until the share 1 − goal of the dense heads is gone, then searches the channel ratio.
     """
     if target.metric == "latency":
         return _prune_to_latency(model, data, criterion, target, example_inputs=example_inputs, steps=steps,
@@ -333,7 +348,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
                                  calibration_samples=calibration_samples, batch_size=batch_size, seed=seed,
                                  criterion_options=criterion_options, normalizer=normalizer,
                                  max_bisections=max_bisections, recalibrate=recalibrate,
-                                 mean_replacement=mean_replacement, progress=progress)
+                                 mean_replacement=mean_replacement, prune_heads=prune_heads, progress=progress)
     start = time.perf_counter()
     if normalizer is not None:
         check_normalizer(normalizer)
@@ -351,14 +366,17 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
     metric_index = 0 if target.metric == "macs" else 1
     run = _Run(name, make_importance(criterion, criterion_options, normalizer), calib, example,
                _ignored_names(model, adapter, ignored_layers, example), adapter, metric_index, before[metric_index],
-               global_pruning, max_layer_ratio, round_to, tolerance, max_bisections, mean_replacement)
+               global_pruning, max_layer_ratio, round_to, tolerance, max_bisections, mean_replacement, prune_heads)
     widths_before = _widths(model)
+    dense_heads = sum(u.kv_heads for u in attention_heads(model)) if prune_heads else 0
     history: list[tuple[str, bool, list[int]]] = []
     step_log: list[dict[str, float]] = []
     current = 1.0
     bar = tqdm(total=steps, desc=f"prune[{name}]", unit="step", disable=not progress)
     for k in range(1, steps + 1 if target.fraction < 1.0 else 1):  # a target of 1.0 means "no pruning"
         goal = target.fraction ** (k / steps)
+        if prune_heads:
+            run.head_count = heads_to_remove(dense_heads, sum(u.kv_heads for u in attention_heads(model)), goal)
         if mean_replacement:
             run.input_means = input_means(model, calib)
         best = _search_ratio(run, model, goal, current)

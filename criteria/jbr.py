@@ -171,6 +171,7 @@ class GateImportance(CalibratedImportance):
         self.autocast = autocast
         self.keep_rows = keep_rows
         self.scored_groups_ignoring: list[nn.Module] | None = None  # the pruner's ignored layers, when known
+        self.extra_groups: list[Any] = []  # groups from outside the graph scored as well (attention heads)
         self.derivatives: Tensor | None = None
         self.columns: dict[str, slice] = {}
         self.shift_derivatives: Tensor | None = None  # centred: the kept rows of ∂s/∂β
@@ -228,7 +229,7 @@ class GateImportance(CalibratedImportance):
                 return  # rows are kept instead
             with quiet_third_party():
                 groups = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=LAYERS))
-            plans.update(self._plans(groups, graph._module2name))
+            plans.update(self._plans(groups + self.extra_groups, graph._module2name))
 
         self.moments, self.plans, self.rows_seen = {}, {}, 0
         self._pass(model, data, graph, plan_groups, plans, keep_rows=self.keep_rows or ignored is None)

@@ -286,16 +286,19 @@ def get(name: str, data: Iterable[Any] | None = None, *, normalizer: str | None 
 
 
 def prepare(importance: tp.importance.Importance, model: nn.Module, data: Iterable[Any] | None = None,
-            graph: tp.DependencyGraph | None = None, ignored_layers: Sequence[nn.Module] | None = None) -> None:
+            graph: tp.DependencyGraph | None = None, ignored_layers: Sequence[nn.Module] | None = None,
+            extra_groups: Sequence[Any] = ()) -> None:
     """Run the calibration passes ``importance`` needs on ``model`` (a no-op for data-free criteria).
 
     Optional when ``data`` was given to :func:`get`: scoring a group then runs the passes itself whenever the
     model's structure changed. Passes are cached per structure, so calling this before every ``pruner.step()``
     (or on structurally equal copies) costs nothing after the first time. ``graph``: the dependency graph the
     pruner will use (default: the model's own); ``ignored_layers``: the pruner's, so that the groups it will score
-    are known before the pass (JBR then keeps one sum per channel instead of one value per sample and channel)."""
+    are known before the pass (JBR then keeps one sum per channel instead of one value per sample and channel);
+    ``extra_groups``: groups built outside the graph that will be scored too (attention heads)."""
     inner = importance.importance if isinstance(importance, NormalizedImportance) else importance
     if isinstance(inner, GateImportance) and ignored_layers is not None:
         inner.scored_groups_ignoring = list(ignored_layers)
+        inner.extra_groups = list(extra_groups)
     if isinstance(importance, CalibratedImportance):
         importance.prepare(model, data, graph)

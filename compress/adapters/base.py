@@ -22,6 +22,7 @@ from ..data import inputs_of
 from ..errors import CompressError
 from ..nn_helpers import weight_layers
 from ..quiet import quiet_third_party
+from .heads import HEAD_PREFIX, attention_heads, remove_heads
 from .spec import ModelSpec
 from .split_order import split_outputs_in_order
 
@@ -144,16 +145,31 @@ class ModelAdapter:
 
     def replay(self, model: nn.Module, spec: ModelSpec) -> nn.Module:
         """Re-apply ``spec.pruning_history`` to a freshly built, unpruned ``model`` (torch-pruning's replay on the
-        graph traced from :meth:`spec_inputs`), then :meth:`sync_after_pruning`."""
+        graph traced from :meth:`spec_inputs`; attention-head removals, ``heads:<module>`` entries, by
+        :func:`~compress.adapters.heads.remove_heads`), then :meth:`sync_after_pruning`."""
         if not spec.pruning_history:
             return model
         first = next((p for p in model.parameters() if p.is_floating_point()), None)
-        graph = self.pruning_graph(model, self.dependency_graph(
-            model, self.spec_inputs(spec, dtype=first.dtype if first is not None else None)))
+        inputs = self.spec_inputs(spec, dtype=first.dtype if first is not None else None)
+        chunk: list[list[Any]] = []
+
+        def replay_chunk() -> None:
+            if chunk:
+                graph = self.pruning_graph(model, self.dependency_graph(model, inputs))
+                with quiet_third_party():
+                    graph.load_pruning_history(chunk)
+                chunk.clear()
+
         try:
-            with quiet_third_party():
-                graph.load_pruning_history([[n, o, list(i)] for n, o, i in spec.pruning_history])
-        except (AttributeError, IndexError, KeyError, RuntimeError) as err:
+            for name, out, idxs in spec.pruning_history:
+                if not name.startswith(HEAD_PREFIX):
+                    chunk.append([name, out, list(idxs)])
+                    continue
+                replay_chunk()
+                unit = {u.name: u for u in attention_heads(model)}[name.removeprefix(HEAD_PREFIX)]
+                remove_heads(unit, list(idxs))
+            replay_chunk()
+        except (AttributeError, IndexError, KeyError, RuntimeError, ValueError) as err:
             raise CompressError(f"pruning history does not fit architecture {spec.arch}: {err}",
                                 "load the checkpoint with the toolkit version that wrote it") from err
         return self.sync_after_pruning(model)
