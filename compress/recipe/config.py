@@ -74,6 +74,7 @@ class PruneSection:
     recalibrate: bool = False  # re-estimate BN statistics on the calibration inputs between pruning steps
     normalizer: str | None = None  # per-group rescaling of the scores (criteria.NORMALIZERS); None: the criterion's
     mean_replacement: bool = False  # fold removed channels' mean inputs into the next layers' biases
+    heads: bool = True  # Hugging Face transformers: also remove whole attention heads
 
     def __post_init__(self) -> None:
         if self.normalizer is not None and self.normalizer not in NORMALIZERS:
