@@ -21,6 +21,7 @@ import criteria
 
 from ..adapters import adapter_for
 from ..atomic import write_text
+from ..errors import CompressError
 from ..models import resolve, spec_of
 from ..output import machine, markdown_table, write_json
 
@@ -86,7 +87,12 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             model.zero_grad(set_to_none=True)
             state[0] = getattr(imp.importance, "state_bytes", 0)
 
-        seconds = timed(score)
+        try:
+            seconds = timed(score)
+        except CompressError as err:  # e.g. jbr-ref on random weights: no confident sample
+            rows.append({"criterion": name, "error": str(err)})
+            print(f"{name}: {err}", flush=True)
+            continue
         rows.append({"criterion": name, "ms_per_image": 1000 * seconds / images,
                      "throughput_vs_fwd_bwd": base / seconds, "state_bytes": state[0]})
         print(f"{name}: {1000 * seconds / images:.3f} ms/image, {base / seconds:.2f}x plain fwd+bwd throughput, "
@@ -94,7 +100,8 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     payload = {"benchmark": "criteria", "machine": machine(), "settings": vars(args),
                "plain_fwd_bwd_ms_per_image": 1000 * base / images, "rows": rows}
     write_json(out / "criteria.json", payload)
-    table = [[r["criterion"], f"{r['ms_per_image']:.3f}", f"{r['throughput_vs_fwd_bwd']:.2f}",
+    table = [[r["criterion"], "failed: " + r["error"][:60], "", ""] if "error" in r else
+             [r["criterion"], f"{r['ms_per_image']:.3f}", f"{r['throughput_vs_fwd_bwd']:.2f}",
               f"{r['state_bytes'] / 1e3:.1f}"] for r in rows]
     write_text(out / "criteria.md", f"{args.model}, batch {args.batch_size} x {args.batches}, {device}; plain fwd+bwd "
                f"{1000 * base / images:.3f} ms/image\n\n" + markdown_table(["criterion", "ms / image", "throughput vs plain fwd+bwd", "state kB"], table),
