@@ -7,6 +7,9 @@ channel ratio of a step is found by a safeguarded secant search (at most ``max_b
 final MACs (or params) land within ``tolerance`` of the target: below it when a trial lands there, else the
 closest trial above it (channel groups are indivisible).
 ``Target(latency=...)`` searches the MACs fraction against onnxruntime measurements (``_prune_to_latency``).
+Every criterion's scores are rescaled per group by one normaliser (:mod:`criteria.normalize`) before the global
+ranking; ``mean_replacement`` folds removed channels' means into the next layers (:mod:`compress.mean_replacement`);
+Hugging Face attention loses whole heads (:mod:`compress.adapters.heads`).
 The input model is not modified: ``PruneResult.model`` is a pruned copy. What the model is (its never-pruned
 classifier, the channel multiple attention heads need, what to sync after pruning) comes from its adapter.
 """
@@ -24,14 +27,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import criteria
+from criteria.normalize import NormalizedImportance, check_normalizer
 
 from . import latency
 from .adapters import ModelAdapter, adapter_for, identify
 from .adapters.heads import (HEAD_PREFIX, attention_heads, head_scores, heads_to_remove, lowest_heads, remove_heads,
                              scoring_group)
 from .adapters.spec import attach_spec, user_spec, with_history
-from criteria.normalize import NormalizedImportance, check_normalizer
-
 from .adapters.split_order import split_outputs_in_order
 from .batches import first_rows
 from .capped_importance import CappedImportance
@@ -230,9 +232,31 @@ def grouped_convs(model: nn.Module) -> list[nn.Module]:
             if isinstance(m, nn.Conv2d) and m.groups > 1 and not m.in_channels == m.out_channels == m.groups]
 
 
+def _prune_channels(run: _Run, pruner: tp.pruner.BasePruner) -> None:
+    """One pruner step; with mean replacement each group's removed channels are folded into the next layers
+    first (the layers it could not fold into are added to ``run.unfolded``)."""
+    with quiet_third_party():
+        if not run.mean_replacement:
+            pruner.step()
+            return
+        for group in pruner.step(interactive=True):
+            run.unfolded.update(fold_removed_inputs(group, run.input_means, pruner.DG))
+            group.prune()
+
+
+def _prune_heads(run: _Run, scored: list) -> list[tuple[str, bool, list[int]]]:
+    """Remove the step's ``run.head_count`` lowest-scored heads; their history entries."""
+    entries = []
+    units = {unit.name: unit for unit, _ in scored}
+    for name, heads in lowest_heads(scored, run.head_count, run.max_layer_ratio).items():
+        remove_heads(units[name], heads)
+        entries.append((HEAD_PREFIX + name, True, heads))
+    return entries
+
+
 def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, float, list]:
-    """Prune ``net`` in place by one pruner step at ``channel_ratio``; (net, metric fraction, history entries).
-    With mean replacement, the layers it could not fold into are added to ``run.unfolded``."""
+    """Prune ``net`` in place by one pruner step at ``channel_ratio`` (and the step's attention heads);
+    (net, metric fraction, history entries)."""
     ignored = _modules_named(net, run.ignored) + grouped_convs(net)
     with run.adapter.tracing(net), quiet_third_party():
         pruner = tp.pruner.BasePruner(net, run.example, importance=CappedImportance(run.importance, run.max_layer_ratio),
@@ -246,19 +270,8 @@ def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, 
     head_groups = [scoring_group(unit, pruner.DG) for unit in units]
     criteria.prepare(run.importance, net, run.calib, pruner.DG, ignored, extra_groups=head_groups)
     scored = [(unit, s) for unit in units if (s := head_scores(run.importance, unit, pruner.DG)) is not None]
-    with quiet_third_party():
-        if run.mean_replacement:
-            unfolded = set()
-            for group in pruner.step(interactive=True):
-                unfolded.update(fold_removed_inputs(group, run.input_means, pruner.DG))
-                group.prune()
-            run.unfolded.update(unfolded)
-        else:
-            pruner.step()
-    entries = [tuple(h) for h in pruner.pruning_history()]
-    for name, heads in lowest_heads(scored, run.head_count, run.max_layer_ratio).items():
-        remove_heads(next(unit for unit in units if unit.name == name), heads)
-        entries.append((HEAD_PREFIX + name, True, heads))
+    _prune_channels(run, pruner)  # heads are scored before: the channel step changes the model's structure
+    entries = [tuple(h) for h in pruner.pruning_history()] + _prune_heads(run, scored)
     run.adapter.sync_after_pruning(net)
     value = count_macs_params(net, run.example)[run.metric_index] / run.dense_value
     return net, value, entries
