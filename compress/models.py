@@ -31,6 +31,11 @@ __all__ = ["HF_PRESETS", "IMAGE_PRESETS", "IMAGENET_INPUT_SHAPE", "LOCAL_ARCHS",
            "spec_of", "sync_after_pruning", "torchvision_archs", "torchvision_weights"]
 
 
+# Training epochs of the presets' cached Fashion-MNIST models (BENCHMARKS.md); other models: TrainConfig's default.
+PRESET_TRAIN_EPOCHS = {"resnet20_fmnist": 6, "resnet18_fmnist": 5, "resnet56_fmnist": 4, "wide_resnet_fmnist": 3,
+                       "vit_fmnist": 12}
+
+
 def sync_after_pruning(model: nn.Module) -> nn.Module:
     """Update the plain attributes a forward pass reads that pruning cannot see (torchvision ViT's hidden_dim)."""
     return adapter_for(model).sync_after_pruning(model)
@@ -74,7 +79,7 @@ def resolve(model: str | os.PathLike | nn.Module, weights: str | os.PathLike | N
     the Fashion-MNIST models of the pruning benchmark), an ``nn.Module``, a checkpoint path
     written by :func:`compress.save`, or a Hugging Face folder written by ``save_pretrained`` (safetensors). ``weights``: ``None``/``"random"``, a torchvision enum name
     (``IMAGENET1K_V2``, ``DEFAULT``), a local file (our checkpoint or a bare state_dict), or ``"train"`` (train
-    on the embedded Fashion-MNIST, cached).
+    on the embedded Fashion-MNIST, cached; a preset for its ``PRESET_TRAIN_EPOCHS`` unless ``train_config`` says).
     """
     if isinstance(model, nn.Module):
         spec = identify(model, input_shape)
@@ -99,7 +104,8 @@ def resolve(model: str | os.PathLike | nn.Module, weights: str | os.PathLike | N
         spec = make_spec(str(model), kwargs, input_shape)
     source = "random" if weights is None else str(weights)
     if source == "train":
-        return reference_model(spec, train_config or TrainConfig(), progress=progress)
+        default = TrainConfig(epochs=PRESET_TRAIN_EPOCHS.get(str(model), TrainConfig().epochs))
+        return reference_model(spec, train_config or default, progress=progress)
     torch.manual_seed(0)
     net = build(spec)
     if source != "random":

@@ -330,7 +330,10 @@ def _calibration(data: Iterable[Any], criterion: Any, samples: int, batch_size: 
     return calibration(data, samples, batch_size, seed, with_labels=labelled)
 
 
-def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target: Target = Target(macs=0.5), *,
+DEFAULT_CRITERION = "jbr-centred"  # the best criterion after BN recalibration in BENCHMARKS.md (issue 14)
+
+
+def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITERION, target: Target = Target(macs=0.5), *,
           example_inputs: torch.Tensor | None = None, steps: int = 5, tolerance: float = 0.02,
           round_to: int | None = None, ignored_layers: Sequence[nn.Module | str] = (), max_layer_ratio: float = 0.9,
           global_pruning: bool = True, calibration_samples: int = 512, batch_size: int = 64, seed: int = 0,
@@ -339,7 +342,8 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = "jbr", target:
           progress: bool = True) -> PruneResult:
     """Prune a copy of ``model`` with ``criterion`` until ``target`` is met (within ``tolerance``, below if possible).
 
-    ``criterion``: a registered name (``criteria.names()``) or any torch-pruning ``Importance`` object (a
+    ``criterion``: a registered name (``criteria.names()``; default ``jbr-centred``, the TPV of replacing a channel
+    by its mean, which BatchNorm recalibration recovers) or any torch-pruning ``Importance`` object (a
     :class:`criteria.calibrated.CalibratedImportance` gets the calibration data before each step).
     ``data``: calibration inputs (any iterable of batches or a dataset; labels ignored unless the criterion
     needs them, e.g. ``jacobian``). ``max_layer_ratio`` caps how much of any one layer a step may remove.

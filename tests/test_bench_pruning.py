@@ -66,3 +66,17 @@ def test_paper_protocol_prunes_by_share_of_filters_without_recovery(tmp_path, tm
         assert macs == sorted(macs, reverse=True) and macs[-1] < 0.2  # 90% of the filters gone
         assert paper_mean_top1(r) is not None
     assert "## small_resnet, protocol paper" in (out / "pruning.md").read_text()
+
+
+def test_a_preset_trains_for_its_recorded_epochs_and_layout(monkeypatch):
+    import compress.models as models
+
+    seen = []
+    monkeypatch.setattr(models, "reference_model", lambda spec, config, progress=True: seen.append((spec, config)))
+    models.resolve("resnet20_fmnist", weights="train")
+    models.resolve("resnet18_fmnist", weights="train")
+    models.resolve("small_resnet", weights="train")
+    (r20, c20), (r18, c18), (small, c_small) = seen
+    assert (r20.arch, r20.kwargs, r20.input_shape, c20.epochs) == ("small_resnet", {"blocks": [3, 3, 3]}, (1, 28, 28), 6)
+    assert (r18.arch, r18.kwargs, r18.input_shape, c18.epochs) == ("resnet18", {"num_classes": 10}, (3, 32, 32), 5)
+    assert (small.kwargs, c_small.epochs) == ({}, 3)

@@ -25,14 +25,12 @@ from ..atomic import write_text
 from ..data import FashionMNIST, calibration, loader
 from ..errors import CompressError
 from ..evaluate import compare
-from ..models import HF_PRESETS, IMAGE_PRESETS, resolve
+from ..models import HF_PRESETS, IMAGE_PRESETS, PRESET_TRAIN_EPOCHS, resolve
 from ..output import fmt, machine, markdown_table, mean_std, save_figure, write_json
 from ..train import TrainConfig
 from .pruning_protocols import STAGES, paper_mean_top1, run_ours, run_paper, seeded
 
 ARCHS = ("small_resnet", *IMAGE_PRESETS, *HF_PRESETS)  # models trained on the embedded Fashion-MNIST (cached)
-TRAIN_EPOCHS = {"small_resnet": 3, "resnet20_fmnist": 6, "resnet18_fmnist": 5, "resnet56_fmnist": 4,
-                "wide_resnet_fmnist": 3, "vit_fmnist": 12}  # the cached models of BENCHMARKS.md
 DEFAULT_CRITERIA = [n for n in criteria.names() if n != "jbr-mac"]  # jbr-mac is jbr under --normalizers macs
 ROWS_FILE = "pruning-rows.jsonl"
 KEY = ("protocol", "arch", "criterion", "normalizer", "mean_replacement", "target", "seed")
@@ -41,7 +39,7 @@ KEY = ("protocol", "arch", "criterion", "normalizer", "mean_replacement", "targe
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="small_resnet", choices=ARCHS)
     p.add_argument("--train-epochs", type=int, default=None, help="epochs of the dense model's training (default: "
-                   "TRAIN_EPOCHS of the arch); part of its cache key")
+                   "compress.models.PRESET_TRAIN_EPOCHS of the arch, else TrainConfig's); part of its cache key")
     p.add_argument("--train-samples", type=int, default=None, help="train the dense model on a subset (tests)")
     p.add_argument("--protocol", default="ours", choices=("ours", "paper"))
     p.add_argument("--criteria", nargs="+", default=DEFAULT_CRITERIA, choices=criteria.names())
@@ -80,7 +78,7 @@ def criterion_options(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _dense(args: argparse.Namespace) -> torch.nn.Module:
-    epochs = args.train_epochs or TRAIN_EPOCHS.get(args.arch, TrainConfig().epochs)
+    epochs = args.train_epochs or PRESET_TRAIN_EPOCHS.get(args.arch, TrainConfig().epochs)
     return resolve(args.arch, weights="train", train_config=TrainConfig(epochs=epochs, train_samples=args.train_samples),
                    progress=False)
 
