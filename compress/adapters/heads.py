@@ -93,8 +93,8 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
 
 
 def _sync(unit: AttentionHeads) -> None:
-    """The attributes of the module that record head counts or widths (not read by transformers 5's forward but
-    by other code, e.g. GPT-2's split of the fused projection)."""
+    """Sync the module's attributes that record widths and head counts: GPT-2's forward splits its fused
+    projection by ``split_size``; the head counts are not read by transformers 5's forward passes, only kept true."""
     m, heads, kv = unit.module, unit.heads, unit.kv_heads
     if unit.fused:
         m.split_size, m.num_heads, m.embed_dim = heads * unit.head_dim, heads, heads * unit.head_dim
