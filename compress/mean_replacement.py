@@ -20,11 +20,12 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from criteria.jbr import norm_after
+
 from .batches import call
 from .data import inputs_of
-from .nn_helpers import eval_mode, on_model
-
-LAYERS = (nn.Conv2d, nn.Linear)
+from .nn_helpers import channel_sums, eval_mode, on_model
+from .quiet import quiet_third_party
 
 
 def _foldable(layer: nn.Module) -> bool:
@@ -40,11 +41,9 @@ def input_means(model: nn.Module, data: Iterable[Any]) -> dict[str, Tensor]:
 
     def hook(name: str):
         def record(module: nn.Module, inputs: tuple, out: Tensor) -> None:
-            x = inputs[0].detach().double()
-            channel = x.dim() - 1 if isinstance(module, nn.Linear) else 1
-            per_channel = x.transpose(0, channel).reshape(x.shape[channel], -1)
-            sums[name] = sums.get(name, 0) + per_channel.sum(1).cpu()
-            counts[name] = counts.get(name, 0) + per_channel.shape[1]
+            total, count = channel_sums(module, inputs[0])
+            sums[name] = sums.get(name, 0) + total
+            counts[name] = counts.get(name, 0) + count
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if _foldable(m)]
@@ -56,14 +55,6 @@ def input_means(model: nn.Module, data: Iterable[Any]) -> dict[str, Tensor]:
         for h in handles:
             h.remove()
     return {n: sums[n] / counts[n] for n in sums}
-
-
-def _only_norm_after(graph: tp.DependencyGraph, layer: nn.Module) -> nn.Module | None:
-    node = graph.module2node.get(layer)
-    if node is None or len(node.outputs) != 1:
-        return None
-    after = node.outputs[0].module
-    return after if isinstance(after, nn.modules.batchnorm._BatchNorm) and len(node.outputs[0].inputs) == 1 else None
 
 
 @torch.no_grad()
@@ -83,11 +74,25 @@ def fold_removed_inputs(group: Any, means: dict[str, Tensor], graph: tp.Dependen
         idxs = torch.as_tensor(list(item.idxs), dtype=torch.long)
         weight = layer.weight[:, idxs].double().reshape(layer.weight.shape[0], len(idxs), -1).sum(2)
         shift = (weight @ mu[idxs].to(weight.device)).to(layer.weight.dtype)
-        norm = _only_norm_after(graph, layer) if layer.bias is None else None
+        norm = norm_after(graph, layer) if layer.bias is None else None
         if norm is not None and norm.running_mean is not None:
             norm.running_mean -= shift.to(norm.running_mean.dtype)
         elif layer.bias is not None:
             layer.bias += shift
         else:
             unfolded.append(names.get(layer, ""))
+    return unfolded
+
+
+def pruner_step(pruner: tp.pruner.BasePruner, means: dict[str, Tensor] | None) -> list[str]:
+    """One step of a torch-pruning pruner; with ``means`` (:func:`input_means` of the model before the step) each
+    group's removed channels are folded into the next layers first. Returns the layers it could not fold into."""
+    unfolded: list[str] = []
+    with quiet_third_party():
+        if means is None:
+            pruner.step()
+            return unfolded
+        for group in pruner.step(interactive=True):
+            unfolded += fold_removed_inputs(group, means, pruner.DG)
+            group.prune()
     return unfolded

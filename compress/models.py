@@ -36,6 +36,11 @@ PRESET_TRAIN_EPOCHS = {"resnet20_fmnist": 6, "resnet18_fmnist": 5, "resnet56_fmn
                        "vit_fmnist": 12}
 
 
+def default_train_config(name: str) -> TrainConfig:
+    """How ``resolve(name, weights="train")`` trains: a preset for its ``PRESET_TRAIN_EPOCHS``, else TrainConfig()."""
+    return TrainConfig(epochs=PRESET_TRAIN_EPOCHS.get(name, TrainConfig().epochs))
+
+
 def sync_after_pruning(model: nn.Module) -> nn.Module:
     """Update the plain attributes a forward pass reads that pruning cannot see (torchvision ViT's hidden_dim)."""
     return adapter_for(model).sync_after_pruning(model)
@@ -104,8 +109,7 @@ def resolve(model: str | os.PathLike | nn.Module, weights: str | os.PathLike | N
         spec = make_spec(str(model), kwargs, input_shape)
     source = "random" if weights is None else str(weights)
     if source == "train":
-        default = TrainConfig(epochs=PRESET_TRAIN_EPOCHS.get(str(model), TrainConfig().epochs))
-        return reference_model(spec, train_config or default, progress=progress)
+        return reference_model(spec, train_config or default_train_config(str(model)), progress=progress)
     torch.manual_seed(0)
     net = build(spec)
     if source != "random":

@@ -64,6 +64,14 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
+def channel_sums(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Σ of a layer's input or output ``x`` per channel over every other dimension (float64, on the CPU) and how
+    many values each sum holds; channels are the last dimension for ``nn.Linear``, dimension 1 otherwise."""
+    channel = x.dim() - 1 if isinstance(module, nn.Linear) else 1
+    per_channel = x.detach().double().transpose(0, channel).reshape(x.shape[channel], -1)
+    return per_channel.sum(1).cpu(), per_channel.shape[1]
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model without tensors)."""
     for t in model.parameters():

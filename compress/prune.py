@@ -41,7 +41,7 @@ from .data import CalibrationData, calibration
 from .distributed import agree, on_main
 from .errors import CompressError
 from .macs import count_macs_params
-from .mean_replacement import fold_removed_inputs, input_means
+from .mean_replacement import input_means, pruner_step
 from .nn_helpers import on_model
 from .quiet import quiet_third_party
 from .recover import recalibrate_bn
@@ -232,18 +232,6 @@ def grouped_convs(model: nn.Module) -> list[nn.Module]:
             if isinstance(m, nn.Conv2d) and m.groups > 1 and not m.in_channels == m.out_channels == m.groups]
 
 
-def _prune_channels(run: _Run, pruner: tp.pruner.BasePruner) -> None:
-    """One pruner step; with mean replacement each group's removed channels are folded into the next layers
-    first (the layers it could not fold into are added to ``run.unfolded``)."""
-    with quiet_third_party():
-        if not run.mean_replacement:
-            pruner.step()
-            return
-        for group in pruner.step(interactive=True):
-            run.unfolded.update(fold_removed_inputs(group, run.input_means, pruner.DG))
-            group.prune()
-
-
 def _prune_heads(run: _Run, scored: list) -> list[tuple[str, bool, list[int]]]:
     """Remove the step's ``run.head_count`` lowest-scored heads; their history entries."""
     entries = []
@@ -270,7 +258,8 @@ def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, 
     head_groups = [scoring_group(unit, pruner.DG) for unit in units]
     criteria.prepare(run.importance, net, run.calib, pruner.DG, ignored, extra_groups=head_groups)
     scored = [(unit, s) for unit in units if (s := head_scores(run.importance, unit, pruner.DG)) is not None]
-    _prune_channels(run, pruner)  # heads are scored before: the channel step changes the model's structure
+    # heads are scored before: the channel step changes the model's structure
+    run.unfolded.update(pruner_step(pruner, run.input_means if run.mean_replacement else None))
     entries = [tuple(h) for h in pruner.pruning_history()] + _prune_heads(run, scored)
     run.adapter.sync_after_pruning(net)
     value = count_macs_params(net, run.example)[run.metric_index] / run.dense_value

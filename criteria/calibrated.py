@@ -79,6 +79,14 @@ class CalibratedImportance(tp.importance.Importance):
             self._apply(model)
             self._applied = weakref.ref(model)
 
+    def module_names(self, group: Any) -> dict[nn.Module, str]:
+        """Module -> name in the model of ``group`` (its dependency graph's, else the last model scored)."""
+        graph = getattr(group, "_DG", None)
+        if graph is not None:
+            return graph._module2name
+        model = self._model() if self._model is not None else None
+        return {m: n for n, m in model.named_modules()} if model is not None else {}
+
     def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
         raise NotImplementedError
 

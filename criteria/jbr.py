@@ -50,7 +50,7 @@ from compress.batches import first_rows, map_tensors, predict, rows, tensors
 from compress.data import inputs_of, labels_of
 from compress.distributed import all_reduce_sum
 from compress.errors import CompressError
-from compress.nn_helpers import fingerprint, model_device, on_model
+from compress.nn_helpers import channel_sums, fingerprint, model_device, on_model
 from compress.quiet import quiet_third_party  # fingerprint: also re-exported as criteria.jbr.fingerprint
 
 from .calibrated import CalibratedImportance  # re-exported: criteria.jbr.CalibratedImportance
@@ -65,19 +65,20 @@ def is_out_channel_pruning(dep: Any) -> bool:
     return getattr(dep.handler, "__name__", "") == "prune_out_channels"
 
 
-def _feeds_only_a_norm(graph: tp.DependencyGraph, layer: nn.Module) -> bool:
+def norm_after(graph: tp.DependencyGraph, layer: nn.Module) -> nn.Module | None:
+    """The BatchNorm ``layer`` feeds, when it feeds exactly one and nothing else (and that norm reads nothing else)."""
     node = graph.module2node.get(layer)
     if node is None or len(node.outputs) != 1:
-        return False
+        return None
     norm = node.outputs[0]
-    return isinstance(norm.module, NORMS) and len(norm.inputs) == 1
+    return norm.module if isinstance(norm.module, NORMS) and len(norm.inputs) == 1 else None
 
 
 def gate_points(model: nn.Module, graph: tp.DependencyGraph) -> dict[str, nn.Module]:
     """Modules gated on their output: every BatchNorm, and every conv/linear unless it feeds exactly one BatchNorm
     and nothing else (that BN's output is the one that vanishes with the channel)."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, NORMS) or (isinstance(m, LAYERS) and not _feeds_only_a_norm(graph, m))}
+            if isinstance(m, NORMS) or (isinstance(m, LAYERS) and norm_after(graph, m) is None)}
 
 
 def _gate_shape(module: nn.Module, out: Tensor) -> tuple[int, ...]:
@@ -130,13 +131,15 @@ class _GroupPlan:
     right: Tensor
 
 
-def _plan(columns: list[int], roots: list[int], width: int) -> _GroupPlan:
+def _plan(columns: list[int], roots: list[int], width: int, pairs: bool) -> _GroupPlan:
+    """The plan of a group; with ``pairs`` (centred scores) also its same-root column pairs."""
     by_root: dict[int, list[int]] = {}
     for position, root in enumerate(roots):
         by_root.setdefault(root, []).append(position)
-    pairs = [(i, j) for positions in by_root.values() for i in positions for j in positions]
-    left, right = zip(*pairs)
-    return _GroupPlan(torch.tensor(columns), torch.tensor(roots), width, torch.tensor(left), torch.tensor(right))
+    same_root = [(i, j) for positions in by_root.values() for i in positions for j in positions] if pairs else []
+    left = torch.tensor([i for i, _ in same_root], dtype=torch.long)
+    right = torch.tensor([j for _, j in same_root], dtype=torch.long)
+    return _GroupPlan(torch.tensor(columns), torch.tensor(roots), width, left, right)
 
 
 class GateImportance(CalibratedImportance):
@@ -251,7 +254,7 @@ class GateImportance(CalibratedImportance):
                         columns.append(self.columns[name].start + int(local))
                         roots.append(int(root))
             if columns:
-                plans[group_key(group, names)] = _plan(columns, roots, len(group[0].idxs))
+                plans[group_key(group, names)] = _plan(columns, roots, len(group[0].idxs), self.centred)
         return plans
 
     def _accumulate(self, row: Tensor, plans: dict[GroupKey, _GroupPlan], shift_row: Tensor | None = None) -> None:
@@ -293,10 +296,9 @@ class GateImportance(CalibratedImportance):
                     return out * gate
                 shift = torch.zeros(shape, device=out.device, dtype=dtype, requires_grad=True)
                 shifts.setdefault(name, []).append(shift)
-                channel = out.dim() - 1 if isinstance(module, nn.Linear) else 1
-                per_channel = out.detach().double().transpose(0, channel).reshape(out.shape[channel], -1)
-                output_sums[name] = output_sums.get(name, 0) + per_channel.sum(1).cpu()
-                output_counts[name] = output_counts.get(name, 0) + per_channel.shape[1]
+                total, count = channel_sums(module, out)
+                output_sums[name] = output_sums.get(name, 0) + total
+                output_counts[name] = output_counts.get(name, 0) + count
                 return out * gate + shift
             return apply
 
@@ -383,19 +385,12 @@ class GateImportance(CalibratedImportance):
         reduced = all_reduce_sum(torch.cat([total, count]))
         return reduced[:len(total)] / reduced[len(total):].clamp(min=1.0)
 
-    def _module_names(self, group: Any) -> dict[nn.Module, str]:
-        graph = getattr(group, "_DG", None)
-        if graph is not None:
-            return graph._module2name
-        model = self._model() if self._model is not None else None
-        return {m: n for n, m in model.named_modules()} if model is not None else {}
-
     def group_derivatives(self, group: Any) -> Tensor | None:
         """(rows, root channels) float64: Σ over the group's gated out-channel layers of ∂s/∂γ, mapped to root idxs;
         None when no layer of the group is gated. Needs ``keep_rows=True``."""
         if self.derivatives is None:
             raise CompressError(f"{type(self).__name__} keeps no per-sample rows", "construct it with keep_rows=True")
-        plan = self._plans([group], self._module_names(group)).get(group_key(group, self._module_names(group)))
+        plan = self._plans([group], self.module_names(group)).get(group_key(group, self.module_names(group)))
         if plan is None:
             return None
         values = self.derivatives[:, plan.columns].double()
@@ -417,7 +412,7 @@ class GateImportance(CalibratedImportance):
     def _group_sums(self, group: Any) -> Tensor | None:
         """Σ_rows (Σ_coupled ∂s/∂γ)² of ``group``: planned before the pass, else from the kept rows, else (a group
         with another root than planned) from one more pass of its own."""
-        names = self._module_names(group)
+        names = self.module_names(group)
         key = group_key(group, names)
         if key in self.moments:
             return self._squares(key)

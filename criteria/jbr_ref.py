@@ -26,7 +26,7 @@ from compress.batches import concat_rows, map_tensors, predict, rows
 from compress.data import inputs_of
 from compress.distributed import all_reduce_sums
 from compress.errors import CompressError
-from compress.nn_helpers import on_model
+from compress.nn_helpers import model_device, on_model
 
 from .calibrated import CalibratedImportance
 
@@ -34,19 +34,19 @@ NORMS = (nn.modules.batchnorm._BatchNorm,)
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def _out_term(layer: nn.Module) -> Tensor:
+def _out_term(layer: nn.Module, grads: dict[Tensor, Tensor]) -> Tensor:
     """Σ over the parameters of each output channel of p·∂L/∂p (weights and bias; γ and β of a BatchNorm)."""
-    term = (layer.weight * layer.weight.grad).reshape(layer.weight.shape[0], -1).sum(1)
-    if layer.bias is not None and layer.bias.grad is not None:
-        term = term + layer.bias * layer.bias.grad
+    term = (layer.weight * grads[layer.weight]).reshape(layer.weight.shape[0], -1).sum(1)
+    if grads.get(layer.bias) is not None:
+        term = term + layer.bias * grads[layer.bias]
     return term
 
 
-def _in_term(layer: nn.Module) -> Tensor | None:
-    """Σ over each input channel's weights of w·∂L/∂w (ungrouped conv, linear)."""
-    if isinstance(layer, nn.modules.conv._ConvNd) and layer.groups != 1:
+def _in_term(layer: nn.Module, grads: dict[Tensor, Tensor]) -> Tensor | None:
+    """Σ over each input channel's weights of w·∂L/∂w (ungrouped conv, linear; None for the others)."""
+    if isinstance(layer, NORMS) or (isinstance(layer, nn.modules.conv._ConvNd) and layer.groups != 1):
         return None
-    return (layer.weight * layer.weight.grad).transpose(0, 1).reshape(layer.weight.shape[1], -1).sum(1)
+    return (layer.weight * grads[layer.weight]).transpose(0, 1).reshape(layer.weight.shape[1], -1).sum(1)
 
 
 class JBRReferenceImportance(CalibratedImportance):
@@ -93,34 +93,30 @@ class JBRReferenceImportance(CalibratedImportance):
         inputs, classes = self.pool
         order = torch.randperm(len(classes), generator=torch.Generator().manual_seed(self.seed * 100003 + self.passes))
         self.passes += 1
-        layers = {n: m for n, m in model.named_modules() if isinstance(m, LAYERS + NORMS)}
+        layers = {n: m for n, m in model.named_modules()
+                  if isinstance(m, LAYERS + NORMS) and getattr(m, "weight", None) is not None}
         params = [p for m in layers.values() for p in (m.weight, m.bias) if p is not None]
         terms: dict[str, Tensor] = {}
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             x = on_model(map_tensors(inputs, lambda t: t[index]), model)
-            loss = F.cross_entropy(predict(model, x), classes[index].to(next(model.parameters()).device))
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for p, g in zip(params, grads):
-                p.grad = g
+            loss = F.cross_entropy(predict(model, x), classes[index].to(model_device(model)))
+            grads = dict(zip(params, torch.autograd.grad(loss, params, allow_unused=True)))
             with torch.no_grad():
                 for name, layer in layers.items():
-                    if layer.weight.grad is None:
+                    if grads[layer.weight] is None:
                         continue
-                    for side, term in (("out", _out_term(layer)), ("in", None if isinstance(layer, NORMS) else _in_term(layer))):
+                    for side, term in (("out", _out_term(layer, grads)), ("in", _in_term(layer, grads))):
                         if term is not None:
                             square = term.double().cpu() ** 2
                             key = f"{name}:{side}"
                             terms[key] = terms[key] + square if key in terms else square
-            for p in params:
-                p.grad = None
         self.terms = all_reduce_sums(terms)  # under torch.distributed: every rank's batches
 
     @torch.no_grad()
     def score(self, group: Any) -> Tensor | None:
         """Σ over the group's layers of their squared terms at the removed channels (torch-pruning's "sum")."""
-        names = group._DG._module2name if getattr(group, "_DG", None) is not None else {
-            m: n for n, m in self._model().named_modules()}
+        names = self.module_names(group)
         total = torch.zeros(len(group[0].idxs), dtype=torch.float64)
         found = False
         for item in group:
@@ -129,7 +125,7 @@ class JBRReferenceImportance(CalibratedImportance):
             key = f"{names.get(layer)}:{side}"
             if side is None or key not in self.terms:
                 continue
-            roots = [r for r in item.root_idxs]
+            roots = item.root_idxs
             if any(r is None for r in roots):
                 continue
             total.index_add_(0, torch.tensor(roots), self.terms[key][list(item.idxs)])

@@ -110,9 +110,7 @@ class NormalizedImportance(CalibratedImportance):
 
     def macs_saved(self, group: Any) -> Tensor:
         """MACs per sample each root channel's removal saves (``"macs"`` only)."""
-        graph = getattr(group, "_DG", None)
-        names = graph._module2name if graph is not None else {m: n for n, m in self._model().named_modules()}
-        return macs_saved(group, self.layer_macs, names)
+        return macs_saved(group, self.layer_macs, self.module_names(group))
 
     @torch.no_grad()
     def score(self, group: Any) -> Tensor | None:

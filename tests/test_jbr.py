@@ -303,7 +303,7 @@ def test_centred_jbr_squares_the_coupled_sum_of_brute_force_mean_replacement_eff
         assert imp.derivatives is not None and imp.shift_derivatives is not None
 
 
-def test_centring_changes_the_scores_only_by_the_mean_term(tiny, batches):
+def test_centring_changes_every_groups_scores(tiny, batches):
     plain = criteria.get("jbr", batches, normalizer="none")
     centred = criteria.get("jbr-centred", batches, normalizer="none")
     differs = [not torch.allclose(plain(g), centred(g)) for g in groups_of(tiny)]

@@ -15,7 +15,7 @@ OPTIONS = {"jbr-batch": {"confidence": 0.0}, "jbr-ref": {"confidence": 0.0}}  # 
 DIVISORS = {"mean": torch.mean, "max": torch.max, "sum": torch.sum}
 
 
-def _scores(name: str, data, normalizer: str, groups) -> list:
+def _scores(name: str, data, normalizer: str, groups) -> tuple[list, criteria.normalize.NormalizedImportance]:
     imp = criteria.get(name, data, normalizer=normalizer, **OPTIONS.get(name, {}))
     out = []
     for group in groups:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,8 @@ from ..atomic import write_text
 from ..data import FashionMNIST, calibration, loader
 from ..errors import CompressError
 from ..evaluate import compare
-from ..models import HF_PRESETS, IMAGE_PRESETS, PRESET_TRAIN_EPOCHS, resolve
+from ..models import HF_PRESETS, IMAGE_PRESETS, default_train_config, resolve
 from ..output import fmt, machine, markdown_table, mean_std, save_figure, write_json
-from ..train import TrainConfig
 from .pruning_protocols import STAGES, paper_mean_top1, run_ours, run_paper, seeded
 
 ARCHS = ("small_resnet", *IMAGE_PRESETS, *HF_PRESETS)  # models trained on the embedded Fashion-MNIST (cached)
@@ -78,9 +78,10 @@ def criterion_options(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _dense(args: argparse.Namespace) -> torch.nn.Module:
-    epochs = args.train_epochs or PRESET_TRAIN_EPOCHS.get(args.arch, TrainConfig().epochs)
-    return resolve(args.arch, weights="train", train_config=TrainConfig(epochs=epochs, train_samples=args.train_samples),
-                   progress=False)
+    config = replace(default_train_config(args.arch), train_samples=args.train_samples)
+    if args.train_epochs:
+        config = replace(config, epochs=args.train_epochs)
+    return resolve(args.arch, weights="train", train_config=config, progress=False)
 
 
 def _key(row: dict[str, Any]) -> tuple:

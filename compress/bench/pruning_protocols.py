@@ -22,7 +22,7 @@ import criteria
 from ..adapters import adapter_for
 from ..evaluate import compare
 from ..macs import count_macs_params
-from ..mean_replacement import fold_removed_inputs, input_means
+from ..mean_replacement import input_means, pruner_step
 from ..prune import Target, prune
 from ..quiet import quiet_third_party
 from ..recover import distill, recalibrate_bn
@@ -74,14 +74,7 @@ def run_paper(row: dict[str, Any], dense: nn.Module, calib: Any, test: Any, opti
     points, start = [], time.perf_counter()
     for step in range(1, PAPER_STEPS + 1):
         criteria.prepare(importance, model, calib, pruner.DG, ignored)
-        with quiet_third_party():
-            if row["mean_replacement"]:
-                means = input_means(model, calib)
-                for group in pruner.step(interactive=True):
-                    fold_removed_inputs(group, means, pruner.DG)
-                    group.prune()
-            else:
-                pruner.step()
+        pruner_step(pruner, input_means(model, calib) if row["mean_replacement"] else None)
         adapter.sync_after_pruning(model)
         if step % 2 == 0:
             macs, params = count_macs_params(model, example)
