@@ -25,7 +25,7 @@ from .version import __version__
 # public name -> module that defines it
 _EXPORTS = {
     "CompressError": "compress.errors",
-    "load": "compress.checkpoint", "save": "compress.checkpoint",
+    "load": "compress.checkpoint", "save": "compress.checkpoint", "save_pretrained": "compress.adapters.hf_folders",
     "accuracy": "compress.evaluate", "agreement": "compress.evaluate", "compare": "compress.evaluate",
     "ModelSpec": "compress.adapters.spec", "resolve": "compress.models",
     "BitPlan": "compress.plan", "Budget": "compress.plan", "plan_bits": "compress.plan",

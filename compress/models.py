@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for, identify
-from .adapters.hf import PRESETS as HF_PRESETS, from_pretrained_folder, preset_spec
+from .adapters.hf import PRESETS as HF_PRESETS, preset_spec
+from .adapters.hf_folders import from_pretrained_folder
 from .adapters.image import (LOCAL_ARCHS, LOCAL_INPUT_SHAPES, PRESETS as IMAGE_PRESETS, arch_names,
                              default_input_shape, make_spec, preset_spec as image_preset_spec, torchvision_archs,
                              torchvision_weights)

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from torch import nn
 
 from compress.atomic import refuse_existing
-from compress.batches import Inputs, is_named
+from compress.batches import Inputs
 from compress.backends.candidates import FLOAT as FLOAT_BITS
 from compress.errors import CompressError
 from compress.fold import fold_batchnorm
@@ -32,7 +32,8 @@ from compress.nn_helpers import per_sample_outputs
 
 from .onnx_graph import (METADATA_PREFIX, MIN_OPSET, SINGLE_FILE_LIMIT_BYTES, example_batch, export_graph,
                          metadata_props, save)
-from .packed import QuantizedWeight, float_copy, float_reason, fold_batchnorm_in_place, pack_initializers, quantized_layers
+from .packed import (QuantizedWeight, float_copy, float_reason, fold_batchnorm_in_place, name_transposed_weights,
+                     pack_initializers, quantized_layers)
 from .qdq import qdq_weight_bits, quantize_qdq
 from .result import LAYER_TYPES, ExportResult, PackedLayer
 
@@ -112,9 +113,6 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
     target = refuse_existing(path, overwrite)
     _check_arguments(model, opset, activations, calibration_data, weight_bits)
     example = example_batch(example_inputs)
-    if activations == "int8" and is_named(example):
-        raise CompressError("int8 activations (static QDQ) are not supported for models with named inputs yet",
-                            "export the weight-only file: compress.quantize, then export_onnx without activations")
     float_model, packs = float_copy(model)
     in_scales = fold_batchnorm_in_place(float_model, packs)
     layers = {n: m for n, m in float_model.named_modules() if isinstance(m, LAYER_TYPES)}
@@ -123,6 +121,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike, 
             raise CompressError("int8 QDQ export of a model above 2 GiB is not supported", "export fp32 or torchao weight-only packed")
         plan = qdq_weight_bits(float_model, {name: packed.bits for name, packed in packs.items()}, weight_bits)
         graph = export_graph(float_model, example, opset)
+        name_transposed_weights(graph, {name: layers[name] for name in plan})
         return _write_qdq(model, graph, example, target, opset, plan, calibration_data, metadata, in_scales, overwrite)
     graph = export_graph(float_model, example, opset)
     not_in_file = layers_not_in_file(float_model, example, layers)

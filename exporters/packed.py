@@ -197,17 +197,32 @@ def fold_batchnorm_in_place(model: nn.Module, packs: dict[str, QuantizedWeight])
     return into_scales
 
 
-def _transposed_initializer(graph: ir.Graph, layer: str, packed: QuantizedWeight) -> tuple[ir.Value, QuantizedWeight, str]:
-    """A Linear applied to channels-last inputs (ConvNeXt's blocks) is exported as MatMul with a constant-folded
-    Wᵀ under a generated name: find the one initializer holding exactly Wᵀ and pack it transposed."""
-    if packed.data.ndim == 2:
-        target = packed.dequantized.T.numpy()
+TRANSPOSED_SUFFIX = ".weight_transposed"  # initializer name given to a Linear's constant-folded Wᵀ
+
+
+def transposed_initializer(graph: ir.Graph, layer: str, weight: torch.Tensor) -> ir.Value:
+    """A Linear applied to channels-last or (batch, sequence, features) inputs (ConvNeXt's blocks, transformers) is
+    exported as MatMul with a constant-folded Wᵀ under a generated name: the one initializer holding exactly Wᵀ."""
+    if weight.dim() == 2:
+        target = weight.detach().T.numpy()
         found = [v for v in graph.initializers.values() if v.const_value is not None
                  and tuple(v.const_value.shape) == target.shape and np.array_equal(v.const_value.numpy(), target)]
         if len(found) == 1:
-            return found[0], packed.transposed(), f"{layer}.weight_transposed"
+            return found[0]
     raise CompressError(f"the exported graph has no initializer {layer + '.weight'!r} (nor its transpose) for "
-                        f"quantized layer {layer}", "report this model to the toolkit maintainers")
+                        f"layer {layer}", "report this model to the toolkit maintainers")
+
+
+def name_transposed_weights(model: ir.Model, layers: Mapping[str, nn.Module]) -> None:
+    """Rename each of ``layers``' constant-folded Wᵀ initializers ``<layer>.weight_transposed`` (in place), so
+    later passes (static QDQ) find them by name."""
+    graph = model.graph
+    for layer, module in layers.items():
+        if f"{layer}.weight" not in graph.initializers:
+            value = transposed_initializer(graph, layer, module.weight)
+            graph.initializers.pop(value.name)
+            value.name = layer + TRANSPOSED_SUFFIX
+            graph.register_initializer(value)
 
 
 def pack_initializers(model: ir.Model, packs: Mapping[str, QuantizedWeight]) -> None:
@@ -218,7 +233,7 @@ def pack_initializers(model: ir.Model, packs: Mapping[str, QuantizedWeight]) -> 
         name = f"{layer}.weight"
         old = graph.initializers.get(name)
         if old is None:
-            old, packed, name = _transposed_initializer(graph, layer, packed)
+            old, packed, name = transposed_initializer(graph, layer, packed.dequantized), packed.transposed(), layer + TRANSPOSED_SUFFIX
         if old.const_value is None or not np.array_equal(old.const_value.numpy(), packed.dequantized.numpy()):
             raise CompressError(f"the ONNX exporter changed the weight of quantized layer {layer} (fused an op into it)",
                                 "fold BatchNorm before quantizing: exporters.fold_batchnorm(model), then quantize_")

@@ -234,3 +234,14 @@ def test_latency_budget_plans_the_int8_file(tmp_path) -> None:
     assert float_layers == ["conv1"]  # only 8 bits offered; the 1-channel stem stays float (torchao constraint)
     assert len(quantized_convs) == len(plan["layers"]) - 1  # the int8 file follows the plan: conv1 left in float
     assert "Latency budget: the per-layer table predicts" in (out / "report.md").read_text()
+
+
+def test_the_deploy_line_says_when_model_onnx_is_slower_than_dense():
+    from compress.recipe.report import _deploy_line
+
+    def report(int8_ms: float) -> dict:
+        return {"deploy": {"path": "model.onnx", "variant": "int8", "same_as": "model_int8.onnx"},
+                "checks": {"int8": {"default_latency_ms": {"1": int8_ms}}, "dense": {"default_latency_ms": {"1": 0.3}}}}
+
+    assert "slower" not in _deploy_line(report(0.2)) and "0.200 ms at batch 1" in _deploy_line(report(0.2))
+    assert "slower than the dense model at batch 1: in a model this small the int8" in _deploy_line(report(0.4))

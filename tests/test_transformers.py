@@ -257,9 +257,36 @@ def test_onnx_bad_inputs_are_one_line_errors(pruned_quantized, tmp_path):
         check(path, reference=quantized, data=[{"input_ids": torch.zeros(2, 5, dtype=torch.long)}])
     with pytest.raises(CompressError, match="dynamic dimensions besides the batch.*data="):
         check(path, reference=quantized)
-    with pytest.raises(CompressError, match="int8 activations .* named inputs"):
-        export_onnx(quantized, inputs_of(batches[0]), tmp_path / "int8.onnx", activations="int8", calibration_data=batches)
+    with pytest.raises(CompressError, match="calibration batches lack the input.* attention_mask"):
+        export_onnx(quantized, inputs_of(batches[0]), tmp_path / "int8.onnx", activations="int8",
+                    calibration_data=[{"input_ids": b["input_ids"]} for b in batches])
     assert not (tmp_path / "int8.onnx").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_qdq_onnx_with_named_inputs(family, pruned_quantized, tmp_path):
+    """Static int8 QDQ of a transformer calibrated on its named-input batches: every weight layer (the plan's
+    bits) quantized, the attention's activation-by-activation products left in float, close to its source."""
+    import onnx
+
+    _, quantized, batches = pruned_quantized[family]
+    path = tmp_path / f"{family}-int8.onnx"
+    result = export_onnx(quantized, inputs_of(batches[0]), path, activations="int8", calibration_data=batches)
+    linear = {n for n, m in quantized.named_modules() if isinstance(m, nn.Linear)}
+    convs = {n for n, m in quantized.named_modules() if isinstance(m, nn.Conv2d)}  # ViT's patch embedding
+    assert result.weights == "qdq-int8" and {p.name for p in result.packed} | set(result.float_layers) == linear | convs
+    graph = onnx.load(str(path)).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    initializers = {i.name for i in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    weight_matmuls = [n for n in matmuls if producers.get(n.input[1]) == "DequantizeLinear"]
+    products = [n for n in matmuls if n not in weight_matmuls and n.input[1] not in initializers]
+    assert len(weight_matmuls) == len({p.name for p in result.packed} & linear)
+    assert len(products) == 2 * quantized.config.num_hidden_layers  # QKᵀ and the weighted values, per layer
+    assert all(producers.get(n.input[0]) != "DequantizeLinear" for n in products)
+    report = check(path, reference=quantized, data=batches, latency_runs=1, batch_sizes=(1,), min_agreement=0.9)
+    assert report.passed, report.failures
+    assert report.rel_diff < 0.1
 
 
 # --- GPT-2: Conv1D layers ---------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def attention_heads(model: nn.Module) -> list[AttentionHeads]:
     return units
 
 
-def _sync(unit: AttentionHeads) -> None:
+def sync_heads(unit: AttentionHeads) -> None:
     """Sync the module's attributes that record widths and head counts: GPT-2's forward splits its fused
     projection by ``split_size``; the head counts are not read by transformers 5's forward passes, only kept true."""
     m, heads, kv = unit.module, unit.heads, unit.kv_heads
@@ -122,7 +122,7 @@ def remove_heads(unit: AttentionHeads, kv: list[int]) -> None:
         tp.prune_linear_out_channels(unit.v, keys)
     tp.prune_linear_in_channels(unit.o, query)
     unit.kv_heads -= len(kv)
-    _sync(unit)
+    sync_heads(unit)
 
 
 def scoring_group(unit: AttentionHeads, graph: tp.DependencyGraph) -> tp.dependency.Group:

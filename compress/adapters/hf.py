@@ -11,8 +11,8 @@ so the MLP intermediate channels are pruned (``fc1``/``intermediate.dense``, and
 GPT-2's ``Conv1D`` layers (Linear layers with transposed weights) become ``nn.Linear`` when a model enters the
 pipeline (:meth:`HuggingFaceAdapter.prepared`), so they are pruned, planned, quantized and exported like any Linear.
 
-:func:`from_pretrained_folder` loads a local ``save_pretrained`` folder (safetensors only);
-``compress.models.resolve(folder)`` calls it. A model is identified by its class and config (``arch = "hf:ViTForImageClassification"``, the config as a plain
+:mod:`.hf_folders` writes and loads ``save_pretrained`` folders (safetensors only), pruned ones included;
+``compress.models.resolve(folder)`` loads one. A model is identified by its class and config (``arch = "hf:ViTForImageClassification"``, the config as a plain
 dict in the spec's kwargs), and rebuilt from them with fresh weights: no download, no pickled code. The spec's
 ``input_shape`` is one sample's ``(C, H, W)`` for vision and ``(sequence length,)`` for text, the length MACs are
 counted at.
@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import sys
-from dataclasses import replace
-from pathlib import Path
 from typing import Any, ContextManager, Iterator
 
 import torch
@@ -57,13 +54,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 def preset_spec(name: str) -> ModelSpec:
     """The spec of preset ``name`` (random weights): a transformers model class and its config."""
     class_name, options = PRESETS[name]
-    model_class = getattr(_transformers(), class_name)
+    model_class = getattr(import_transformers(), class_name)
     config = model_class.config_class(**options)
     return ModelSpec(f"{ARCH_PREFIX}{class_name}", {"config": config.to_dict()}, default_input_shape(config), "random",
                      adapter=HuggingFaceAdapter.name)
 
 
-def _transformers() -> Any:
+def import_transformers() -> Any:
     """The transformers package (an optional extra)."""
     try:
         import transformers
@@ -131,26 +128,6 @@ def linear_from_conv1d(model: nn.Module) -> nn.Module:
             linear.bias.copy_(conv.bias)
         set_module(model, name, linear)
     return model
-
-
-def from_pretrained_folder(folder: str | os.PathLike) -> nn.Module:
-    """The model a local folder written by ``save_pretrained`` holds: the class its config names, weights from
-    ``.safetensors`` files only (never a pickled ``.bin``), no download; in eval mode, its spec attached."""
-    transformers = _transformers()
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise CompressError(f"{folder} has no config.json", "pass a folder written by save_pretrained")
-    if not any(folder.glob("*.safetensors")):
-        raise CompressError(f"{folder} holds no .safetensors weights (pickled .bin files are not loaded)",
-                            "save the model with save_pretrained(folder) (safetensors by default)")
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    names = list(getattr(config, "architectures", None) or [])
-    model_class = getattr(transformers, names[0], None) if names else None
-    if model_class is None:
-        raise CompressError(f"{folder}/config.json names no model class of transformers {transformers.__version__} "
-                            f"(architectures: {names})", "save the model with save_pretrained")
-    model = model_class.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
-    return attach_spec(model, replace(HuggingFaceAdapter().identify(model), weights=str(folder)))
 
 
 class HuggingFaceAdapter(ModelAdapter):
@@ -258,7 +235,7 @@ class HuggingFaceAdapter(ModelAdapter):
                          USER_WEIGHTS, adapter=self.name)
 
     def rebuild(self, spec: ModelSpec) -> nn.Module:
-        transformers = _transformers()
+        transformers = import_transformers()
         name = spec.arch.removeprefix(ARCH_PREFIX)
         model_class = getattr(transformers, name, None)
         if model_class is None or not hasattr(model_class, "config_class"):

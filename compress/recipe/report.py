@@ -47,8 +47,12 @@ def _deploy_line(report: dict[str, Any]) -> str:
           for k in (deploy["variant"], Variant.DENSE)}
     timing = (f": {ms[deploy['variant']]:.3f} ms at batch 1 in a default session, dense {ms[Variant.DENSE]:.3f} ms"
               if None not in ms.values() else "")
+    if None not in ms.values() and ms[deploy["variant"]] > ms[Variant.DENSE]:
+        why = (": in a model this small the int8 quantize and dequantize steps cost more than they save"
+               if deploy["variant"] == Variant.INT8 else "")
+        timing += f" (slower than the dense model at batch 1{why}; the latency columns show the faster file)"
     same = "" if deploy["same_as"] == deploy["path"] else f" (the same file as `{deploy['same_as']}`)"
-    return (f"`{deploy['path']}` is the file to deploy{same}; it needs no session option to run fast on the "
+    return (f"`{deploy['path']}` is the file to deploy{same}; it needs no session option to run on the "
             f"CPU{timing}. "
             "The size-optimised `model_small.onnx` (packed weights) wants `session.disable_quant_qdq=1` "
             "(`exporters.open_session` sets it).")
