@@ -3,6 +3,7 @@ at per-layer bits (TensorQuantOverrides), float layers excluded."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -82,18 +83,21 @@ SHAPE_INFER_LOGGER = "onnxruntime.tools.symbolic_shape_infer"
 def pre_process(raw: Path, pre: Path) -> None:
     """onnxruntime's quantization pre-processing (shape inference, graph optimisation) of ``raw`` into ``pre``:
     with symbolic shape inference, or without it where that cannot finish (a transformer's dynamic sequence axis;
-    its notices about the unresolved shapes silenced)."""
+    its notices about the unresolved shapes silenced). Run inside ``raw``'s folder: a failed symbolic inference
+    leaves its temporary model there, not in the caller's working directory."""
     from onnxruntime.quantization import quant_pre_process
 
     logger = logging.getLogger(SHAPE_INFER_LOGGER)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        quant_pre_process(str(raw), str(pre), skip_symbolic_shape=False)
+        with contextlib.chdir(raw.parent):
+            quant_pre_process(str(raw), str(pre), skip_symbolic_shape=False)
     except Exception as err:  # symbolic_shape_infer raises a bare Exception("Incomplete symbolic shape inference")
         if "symbolic shape" not in str(err):
             raise
-        quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
+        with contextlib.chdir(raw.parent):
+            quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
     finally:
         logger.setLevel(level)
 
