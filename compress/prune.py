@@ -33,6 +33,9 @@ from . import latency
 from .adapters import ModelAdapter, adapter_for, identify
 from .adapters.heads import (HEAD_PREFIX, attention_heads, head_scores, heads_to_remove, lowest_heads, remove_heads,
                              scoring_group)
+from .adapters.hidden import (HIDDEN_PREFIX, ResidualStream, hidden_to_remove, hidden_width, lowest_channels,
+                              remove_hidden, residual_stream)
+from .adapters.hidden import scoring_group as hidden_group
 from .adapters.spec import attach_spec, user_spec, with_history
 from .adapters.split_order import split_outputs_in_order
 from .batches import first_rows
@@ -219,6 +222,8 @@ class _Run:
     mean_replacement: bool = False
     prune_heads: bool = True
     head_count: int = 0  # key/value heads the trials of the current step remove
+    hidden_count: int = 0  # hidden channels the trials of the current step remove
+    hidden_width: int = 0  # the model's hidden size before the current step (0: not pruned)
     input_means: dict[str, torch.Tensor] = field(default_factory=dict)  # of the model the step's trials start from
     unfolded: set[str] = field(default_factory=set)  # layers mean replacement could not fold into (any trial)
 
@@ -242,9 +247,18 @@ def _prune_heads(run: _Run, scored: list) -> list[tuple[str, bool, list[int]]]:
     return entries
 
 
+def _prune_hidden(run: _Run, net: nn.Module, stream: ResidualStream | None, scores: torch.Tensor | None) -> list:
+    """Remove the step's ``run.hidden_count`` lowest-scored hidden channels; their history entry."""
+    if stream is None or scores is None or run.hidden_count == 0:
+        return []
+    channels = lowest_channels(scores, run.hidden_count)
+    remove_hidden(net, stream, channels)
+    return [(f"{HIDDEN_PREFIX}{run.hidden_width}", True, channels)]
+
+
 def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, float, list]:
-    """Prune ``net`` in place by one pruner step at ``channel_ratio`` (and the step's attention heads);
-    (net, metric fraction, history entries)."""
+    """Prune ``net`` in place by one pruner step at ``channel_ratio`` (and the step's attention heads and hidden
+    channels); (net, metric fraction, history entries)."""
     ignored = _modules_named(net, run.ignored) + grouped_convs(net)
     with run.adapter.tracing(net), quiet_third_party():
         pruner = tp.pruner.BasePruner(net, run.example, importance=CappedImportance(run.importance, run.max_layer_ratio),
@@ -255,12 +269,17 @@ def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, 
                                       unwrapped_parameters=run.adapter.unwrapped_parameters(net))
     pruner.DG = run.adapter.pruning_graph(net, split_outputs_in_order(pruner.DG))
     units = attention_heads(net) if run.prune_heads else []
-    head_groups = [scoring_group(unit, pruner.DG) for unit in units]
-    criteria.prepare(run.importance, net, run.calib, pruner.DG, ignored, extra_groups=head_groups)
+    stream = residual_stream(net, run.example, run.hidden_width) if run.hidden_count else None
+    extra_groups = [scoring_group(unit, pruner.DG) for unit in units]
+    if stream is not None:
+        extra_groups.append(hidden_group(stream, pruner.DG))
+    criteria.prepare(run.importance, net, run.calib, pruner.DG, ignored, extra_groups=extra_groups)
     scored = [(unit, s) for unit in units if (s := head_scores(run.importance, unit, pruner.DG)) is not None]
-    # heads are scored before: the channel step changes the model's structure
+    hidden_scores = run.importance(extra_groups[-1]) if stream is not None else None
+    # heads and hidden channels are scored before: the channel step changes the model's structure
     run.unfolded.update(pruner_step(pruner, run.input_means if run.mean_replacement else None))
-    entries = [tuple(h) for h in pruner.pruning_history()] + _prune_heads(run, scored)
+    entries = ([tuple(h) for h in pruner.pruning_history()] + _prune_heads(run, scored)
+               + _prune_hidden(run, net, stream, hidden_scores))
     run.adapter.sync_after_pruning(net)
     value = count_macs_params(net, run.example)[run.metric_index] / run.dense_value
     return net, value, entries
@@ -328,7 +347,7 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITER
           global_pruning: bool = True, calibration_samples: int = 512, batch_size: int = 64, seed: int = 0,
           criterion_options: dict[str, Any] | None = None, normalizer: str | None = None, max_bisections: int = 20,
           recalibrate: bool = False, mean_replacement: bool = False, prune_heads: bool = True,
-          progress: bool = True) -> PruneResult:
+          prune_hidden: float = 0.0, progress: bool = True) -> PruneResult:
     """Prune a copy of ``model`` with ``criterion`` until ``target`` is met (within ``tolerance``, below if possible).
 
     ``criterion``: a registered name (``criteria.names()``; default ``jbr-centred``, the TPV of replacing a channel
@@ -346,7 +365,12 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITER
     ``prune_heads``: in Hugging Face transformers, also remove whole attention heads (with grouped-query attention,
     a key/value head and its query heads; :mod:`compress.adapters.heads`): each step removes the lowest-scored
     heads over all layers until the share 1 − goal of the dense heads is gone, then searches the channel ratio.
+    ``prune_hidden``: in Hugging Face transformers, the share of the hidden size (the residual stream) to remove,
+    evenly over the steps, the lowest-scored channels first (:mod:`compress.adapters.hidden`); 0 keeps it.
     """
+    if not 0.0 <= prune_hidden < 1.0:
+        raise CompressError(f"prune_hidden={prune_hidden} is not a share of the hidden size in [0, 1)",
+                            "pass e.g. prune_hidden=0.25 to remove a quarter of the hidden channels")
     if target.metric == "latency":
         return _prune_to_latency(model, data, criterion, target, example_inputs=example_inputs, steps=steps,
                                  tolerance=tolerance, round_to=round_to, ignored_layers=ignored_layers,
@@ -354,7 +378,8 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITER
                                  calibration_samples=calibration_samples, batch_size=batch_size, seed=seed,
                                  criterion_options=criterion_options, normalizer=normalizer,
                                  max_bisections=max_bisections, recalibrate=recalibrate,
-                                 mean_replacement=mean_replacement, prune_heads=prune_heads, progress=progress)
+                                 mean_replacement=mean_replacement, prune_heads=prune_heads,
+                                 prune_hidden=prune_hidden, progress=progress)
     start = time.perf_counter()
     if normalizer is not None:
         check_normalizer(normalizer)
@@ -375,6 +400,10 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITER
                global_pruning, max_layer_ratio, round_to, tolerance, max_bisections, mean_replacement, prune_heads)
     widths_before = _widths(model)
     dense_heads = sum(u.kv_heads for u in attention_heads(model)) if prune_heads else 0
+    dense_width = hidden_width(model) if prune_hidden else None
+    if prune_hidden and dense_width is None:
+        raise CompressError(f"prune_hidden needs a transformers model with a hidden size; {type(model).__name__} has none",
+                            "leave prune_hidden at 0 for this model")
     history: list[tuple[str, bool, list[int]]] = []
     step_log: list[dict[str, float]] = []
     current = 1.0
@@ -383,6 +412,9 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITER
         goal = target.fraction ** (k / steps)
         if prune_heads:
             run.head_count = heads_to_remove(dense_heads, sum(u.kv_heads for u in attention_heads(model)), goal)
+        if dense_width:
+            run.hidden_width = dense_width - sum(len(c) for n, _, c in history if n.startswith(HIDDEN_PREFIX))
+            run.hidden_count = hidden_to_remove(dense_width, run.hidden_width, prune_hidden * k / steps, round_to)
         if mean_replacement:
             run.input_means = input_means(model, calib)
         best = _search_ratio(run, model, goal, current)

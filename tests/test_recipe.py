@@ -198,6 +198,9 @@ def test_overrides_parse_toml_values_and_bare_words() -> None:
                                         "check.max_top1_drop=1", "prune.recalibrate=true"])
     assert recipe.prune.target_macs == 0.3 and recipe.quantize.candidates == [2, 4, 8] and recipe.prune.recalibrate
     assert recipe.model.weights == "random" and recipe.check.max_top1_drop == 1.0 and recipe.timing_only
+    assert load_recipe("vit_fmnist_jbr", ["prune.hidden=0.25"]).prune.hidden == 0.25
+    with pytest.raises(CompressError, match=r"prune.hidden=1.2 is not a share .*--set prune.hidden=0.25"):
+        load_recipe("vit_fmnist_jbr", ["prune.hidden=1.2"])
 
 
 def test_weights_unavailable_offline_stop_with_one_line(tmp_path, capsys, monkeypatch) -> None:

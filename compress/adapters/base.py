@@ -23,6 +23,7 @@ from ..errors import CompressError
 from ..nn_helpers import weight_layers
 from ..quiet import quiet_third_party
 from .heads import HEAD_PREFIX, attention_heads, remove_heads
+from .hidden import HIDDEN_PREFIX, remove_hidden, residual_stream
 from .spec import ModelSpec
 from .split_order import split_outputs_in_order
 
@@ -146,7 +147,8 @@ class ModelAdapter:
     def replay(self, model: nn.Module, spec: ModelSpec) -> nn.Module:
         """Re-apply ``spec.pruning_history`` to a freshly built, unpruned ``model`` (torch-pruning's replay on the
         graph traced from :meth:`spec_inputs`; attention-head removals, ``heads:<module>`` entries, by
-        :func:`~compress.adapters.heads.remove_heads`), then :meth:`sync_after_pruning`."""
+        :func:`~compress.adapters.heads.remove_heads`; hidden-size removals, ``hidden:<width>`` entries, by
+        :func:`~compress.adapters.hidden.remove_hidden`), then :meth:`sync_after_pruning`."""
         if not spec.pruning_history:
             return model
         first = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -162,12 +164,16 @@ class ModelAdapter:
 
         try:
             for name, out, idxs in spec.pruning_history:
-                if not name.startswith(HEAD_PREFIX):
+                if name.startswith(HIDDEN_PREFIX):
+                    replay_chunk()
+                    stream = residual_stream(model, inputs, int(name.removeprefix(HIDDEN_PREFIX)))
+                    remove_hidden(model, stream, list(idxs))
+                elif name.startswith(HEAD_PREFIX):
+                    replay_chunk()
+                    unit = {u.name: u for u in attention_heads(model)}[name.removeprefix(HEAD_PREFIX)]
+                    remove_heads(unit, list(idxs))
+                else:
                     chunk.append([name, out, list(idxs)])
-                    continue
-                replay_chunk()
-                unit = {u.name: u for u in attention_heads(model)}[name.removeprefix(HEAD_PREFIX)]
-                remove_heads(unit, list(idxs))
             replay_chunk()
         except (AttributeError, IndexError, KeyError, RuntimeError, ValueError) as err:
             raise CompressError(f"pruning history does not fit architecture {spec.arch}: {err}",

@@ -5,8 +5,8 @@ vision, with dynamic batch (and sequence) axes. The prediction tensor f(x) is th
 a language model the next-token logits at each sample's last attended position. The output head (``classifier``,
 ``score``, ``lm_head``) is never pruned; the attention projections and the hidden size are outside torch-pruning's
 scope (their channels pass through head reshapes and rotary embeddings it cannot follow, see :mod:`.mlp_scope`),
-so the MLP intermediate channels are pruned (``fc1``/``intermediate.dense``, and Llama's ``gate_proj`` with
-``up_proj``).
+so torch-pruning prunes the MLP intermediate channels (``fc1``/``intermediate.dense``, and Llama's ``gate_proj``
+with ``up_proj``); whole heads (:mod:`.heads`) and hidden channels (:mod:`.hidden`) are pruned by construction.
 
 GPT-2's ``Conv1D`` layers (Linear layers with transposed weights) become ``nn.Linear`` when a model enters the
 pipeline (:meth:`HuggingFaceAdapter.prepared`), so they are pruned, planned, quantized and exported like any Linear.

@@ -51,6 +51,10 @@ def _fit_attributes(module: nn.Module) -> None:
         module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
     elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight (in, out)
         module.nx, module.nf = module.weight.shape
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.Embedding):
+        module.num_embeddings, module.embedding_dim = module.weight.shape
 
 
 def resize_parameters(model: nn.Module, shapes: dict[str, Any]) -> None:

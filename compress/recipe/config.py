@@ -75,8 +75,12 @@ class PruneSection:
     normalizer: str | None = None  # per-group rescaling of the scores (criteria.NORMALIZERS); None: the criterion's
     mean_replacement: bool = False  # fold removed channels' mean inputs into the next layers' biases
     heads: bool = True  # Hugging Face transformers: also remove whole attention heads
+    hidden: float = 0.0  # Hugging Face transformers: share of the hidden size to remove (0: keep it)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.hidden < 1.0:
+            raise CompressError(f"prune.hidden={self.hidden} is not a share of the hidden size in [0, 1)",
+                                "e.g. --set prune.hidden=0.25")
         if self.normalizer is not None and self.normalizer not in NORMALIZERS:
             raise CompressError(f"prune.normalizer={self.normalizer!r} is not one of {', '.join(NORMALIZERS)}",
                                 "e.g. --set prune.normalizer=mean")

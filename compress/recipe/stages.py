@@ -309,8 +309,8 @@ class PruneStage(Stage):
         result = prune(model.dense, data.calib, criterion=p.criterion, target=target,
                        example_inputs=model.example.to(device), steps=p.steps, round_to=p.round_to,
                        ignored_layers=p.ignored_layers, recalibrate=p.recalibrate, max_layer_ratio=p.max_layer_ratio,
-                       normalizer=p.normalizer, mean_replacement=p.mean_replacement, prune_heads=p.heads, seed=recipe.seed,
-                       progress=context.progress)
+                       normalizer=p.normalizer, mean_replacement=p.mean_replacement, prune_heads=p.heads,
+                       prune_hidden=p.hidden, seed=recipe.seed, progress=context.progress)
         metrics = _measure(result.model, model.dense, data.evaluation, data.labelled, context.progress,
                            result.macs_after, result.params_after)
         return PruneStageResult(Variant.PRUNED, metrics, result.model, result, target, p.criterion,
