@@ -77,6 +77,11 @@ def qdq_weight_bits(model: nn.Module, torchao_bits: Mapping[str, int],
     return plan
 
 
+def activation_products(proto: onnx.ModelProto, initializers: Mapping[str, Any]) -> list[str]:
+    """The MatMul nodes of ``proto`` that multiply two activations (neither input a weight): attention products."""
+    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and not any(i in initializers for i in n.input)]
+
+
 SHAPE_INFER_LOGGER = "onnxruntime.tools.symbolic_shape_infer"
 
 
@@ -107,8 +112,9 @@ def quantize_qdq(proto: onnx.ModelProto, plan: Mapping[str, int], calibration_da
     """Static int8 QDQ quantization with onnxruntime (pre-processed, per-channel, per-layer weight bits).
 
     Activations are uint8, weights int8 (U8S8): ORT's fast x86 path. S8S8 ran 3.4x slower (resnet18 224², 2 threads).
-    Only the weight layers' nodes are quantized: a transformer's activation-by-activation products (QKᵀ, the
-    attention-weighted values) and softmax stay in float.
+    In a graph with products of two activations (attention: QKᵀ, the weighted values) only the weight layers'
+    nodes are quantized, so the attention and its softmax stay in float; elsewhere (CNNs) every op onnxruntime can
+    quantize is.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -140,7 +146,7 @@ def quantize_qdq(proto: onnx.ModelProto, plan: Mapping[str, int], calibration_da
     reader = CalibrationReader(calibration_data, graph_inputs(pre_model))
     quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                    nodes_to_quantize=quantized_nodes,
+                    nodes_to_quantize=quantized_nodes if activation_products(pre_model, initializers) else None,
                     extra_options={"TensorQuantOverrides": overrides})
     if reader.count == 0:
         raise CompressError("calibration_data yielded no batches", "pass an iterable of input batches")

@@ -75,21 +75,27 @@ def test_jbr_head_score_is_the_squared_derivative_of_a_gate_on_the_heads_context
     scores = head_scores(imp, unit, graph).double()
 
     gate = torch.ones(unit.kv_heads, dtype=torch.float64, requires_grad=True)
-    scale = torch.repeat_interleave(gate, unit.group * unit.head_dim)
-    handle = unit.o.register_forward_pre_hook(lambda module, inputs: (inputs[0] * scale,))
-    derivatives = []
+    handle = unit.o.register_forward_pre_hook(
+        lambda module, inputs: (inputs[0] * torch.repeat_interleave(gate, unit.group * unit.head_dim),))
     try:
-        for batch in batches:
-            x = inputs_of(batch)
-            with torch.no_grad():
-                classes = predict(model, x).argmax(1)
-            for i in range(len(classes)):
-                scale = torch.repeat_interleave(gate, unit.group * unit.head_dim)
-                one = {k: v[i:i + 1] for k, v in x.items()}
-                derivatives.append(torch.autograd.grad(predict(model, one)[0, classes[i]], gate)[0])
+        brute = mean_squared_gate_derivatives(model, batches, gate)
     finally:
         handle.remove()
-    torch.testing.assert_close(scores, (torch.stack(derivatives) ** 2).mean(0), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(scores, brute, rtol=1e-6, atol=1e-12)
+
+
+def mean_squared_gate_derivatives(model: nn.Module, batches: list, gate: torch.Tensor) -> torch.Tensor:
+    """Brute-force JBR: E_x[(∂/∂gate m(x)ᵀ f(x))²], one sample at a time, m(x) the predicted class (the gate is
+    applied by hooks the caller registered)."""
+    derivatives = []
+    for batch in batches:
+        x = inputs_of(batch)
+        with torch.no_grad():
+            classes = predict(model, x).argmax(1)
+        for i in range(len(classes)):
+            one = {k: v[i:i + 1] for k, v in x.items()}
+            derivatives.append(torch.autograd.grad(predict(model, one)[0, classes[i]], gate)[0])
+    return (torch.stack(derivatives) ** 2).mean(0)
 
 
 def test_lowest_heads_are_global_and_capped_per_layer():
