@@ -33,8 +33,8 @@ from . import latency
 from .adapters import ModelAdapter, adapter_for, identify
 from .adapters.heads import (HEAD_PREFIX, attention_heads, head_scores, heads_to_remove, lowest_heads, remove_heads,
                              scoring_group)
-from .adapters.hidden import (HIDDEN_PREFIX, ResidualStream, hidden_to_remove, hidden_width, lowest_channels,
-                              remove_hidden, residual_stream)
+from .adapters.hidden import (HIDDEN_PREFIX, ResidualStream, check_stream, hidden_to_remove, hidden_width,
+                              lowest_channels, remove_hidden, residual_stream)
 from .adapters.hidden import scoring_group as hidden_group
 from .adapters.spec import attach_spec, user_spec, with_history
 from .adapters.split_order import split_outputs_in_order
@@ -247,12 +247,12 @@ def _prune_heads(run: _Run, scored: list) -> list[tuple[str, bool, list[int]]]:
     return entries
 
 
-def _prune_hidden(run: _Run, net: nn.Module, stream: ResidualStream | None, scores: torch.Tensor | None) -> list:
+def _prune_hidden(run: _Run, stream: ResidualStream | None, scores: torch.Tensor | None) -> list:
     """Remove the step's ``run.hidden_count`` lowest-scored hidden channels; their history entry."""
     if stream is None or scores is None or run.hidden_count == 0:
         return []
     channels = lowest_channels(scores, run.hidden_count)
-    remove_hidden(net, stream, channels)
+    remove_hidden(stream, channels)
     return [(f"{HIDDEN_PREFIX}{run.hidden_width}", True, channels)]
 
 
@@ -279,7 +279,7 @@ def _trial(run: _Run, net: nn.Module, channel_ratio: float) -> tuple[nn.Module, 
     # heads and hidden channels are scored before: the channel step changes the model's structure
     run.unfolded.update(pruner_step(pruner, run.input_means if run.mean_replacement else None))
     entries = ([tuple(h) for h in pruner.pruning_history()] + _prune_heads(run, scored)
-               + _prune_hidden(run, net, stream, hidden_scores))
+               + _prune_hidden(run, stream, hidden_scores))
     run.adapter.sync_after_pruning(net)
     value = count_macs_params(net, run.example)[run.metric_index] / run.dense_value
     return net, value, entries
@@ -404,6 +404,8 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITER
     if prune_hidden and dense_width is None:
         raise CompressError(f"prune_hidden needs a transformers model with a hidden size; {type(model).__name__} has none",
                             "leave prune_hidden at 0 for this model")
+    if dense_width:
+        check_stream(residual_stream(model, example, dense_width), model)
     history: list[tuple[str, bool, list[int]]] = []
     step_log: list[dict[str, float]] = []
     current = 1.0

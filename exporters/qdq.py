@@ -97,12 +97,12 @@ def pre_process(raw: Path, pre: Path) -> None:
     logger.setLevel(logging.ERROR)
     try:
         with contextlib.chdir(raw.parent):
-            quant_pre_process(str(raw), str(pre), skip_symbolic_shape=False)
-    except Exception as err:  # symbolic_shape_infer raises a bare Exception("Incomplete symbolic shape inference")
-        if "symbolic shape" not in str(err):
-            raise
-        with contextlib.chdir(raw.parent):
-            quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
+            try:
+                quant_pre_process(str(raw), str(pre), skip_symbolic_shape=False)
+            except Exception as err:  # symbolic_shape_infer raises a bare Exception("Incomplete symbolic shape inference")
+                if "symbolic shape" not in str(err):
+                    raise
+                quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
     finally:
         logger.setLevel(level)
 

@@ -4,8 +4,11 @@ float64, exact), criteria score every weight of a channel, and prune / save / lo
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import criteria
@@ -59,7 +62,10 @@ def test_removing_hidden_channels_equals_the_smaller_llama_built_from_the_kept_w
     pruned = llama().double()
     pruned.load_state_dict(dense.state_dict())
     x = inputs_of(token_batches()[0])
-    remove_hidden(pruned, residual_stream(pruned, x, WIDTH), removed)
+    stream = residual_stream(pruned, x, WIDTH)
+    remove_hidden(stream, removed)
+    with pytest.raises(ValueError, match="cannot remove hidden channels"):
+        remove_hidden(stream, list(range(stream.width)))  # at least one channel stays
     small = LlamaForCausalLM(LlamaConfig(**{**dense.config.to_dict(), "hidden_size": 28})).double().eval()
     with torch.no_grad():
         for name, p in small.named_parameters():
@@ -112,6 +118,18 @@ def test_prune_hidden_bad_values_are_one_line_errors():
         prune(llama(), token_batches(), target=Target(macs=0.5), prune_hidden=1.5, progress=False)
     with pytest.raises(CompressError, match="prune_hidden needs a transformers model with a hidden size"):
         prune(SmallResNet(), [torch.randn(4, 1, 28, 28)], target=Target(macs=0.5), prune_hidden=0.2, progress=False)
+    class NoNorms(nn.Module):  # a config with a hidden size, but no norm over it: no residual stream to find
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = SimpleNamespace(hidden_size=8)
+            self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down(torch.relu(self.up(x)))
+
+    with pytest.raises(CompressError, match=r"cannot find the residual stream of NoNorms .*leave prune_hidden at 0"):
+        prune(NoNorms(), [torch.randn(4, 4)], target=Target(macs=0.5), prune_hidden=0.2, example_inputs=torch.randn(1, 4),
+              progress=False)
     assert [hidden_to_remove(64, 64, 0.25), hidden_to_remove(64, 56, 0.25), hidden_to_remove(64, 64, 0.3, 8)] == [16, 8, 16]
 
 

@@ -167,7 +167,7 @@ class ModelAdapter:
                 if name.startswith(HIDDEN_PREFIX):
                     replay_chunk()
                     stream = residual_stream(model, inputs, int(name.removeprefix(HIDDEN_PREFIX)))
-                    remove_hidden(model, stream, list(idxs))
+                    remove_hidden(stream, list(idxs))
                 elif name.startswith(HEAD_PREFIX):
                     replay_chunk()
                     unit = {u.name: u for u in attention_heads(model)}[name.removeprefix(HEAD_PREFIX)]

@@ -105,13 +105,19 @@ def sync_heads(unit: AttentionHeads) -> None:
             setattr(inner, attribute, value)
 
 
+def removable(indices: list[int], total: int, what: str) -> list[int]:
+    """``indices`` sorted without repeats; ValueError unless each lies in range(total) and at least one stays."""
+    out = sorted(set(int(i) for i in indices))
+    if out and (len(out) >= total or out[0] < 0 or out[-1] >= total):
+        raise ValueError(f"cannot remove {what} {out[:8]} of {total}")
+    return out
+
+
 def remove_heads(unit: AttentionHeads, kv: list[int]) -> None:
     """Prune key/value heads ``kv`` of ``unit`` (with their query heads) in place."""
-    kv = sorted(set(int(j) for j in kv))
+    kv = removable(kv, unit.kv_heads, f"heads of {unit.name}: key/value heads")
     if not kv:
         return
-    if len(kv) >= unit.kv_heads or min(kv) < 0 or max(kv) >= unit.kv_heads:
-        raise ValueError(f"cannot remove heads {kv} of {unit.name}, which has {unit.kv_heads} key/value heads")
     q_at, k_at, v_at = unit.offsets()
     query, keys = unit.query_rows(kv), unit.kv_rows(kv)
     if unit.fused:
@@ -125,24 +131,32 @@ def remove_heads(unit: AttentionHeads, kv: list[int]) -> None:
     sync_heads(unit)
 
 
+def synthetic_group(graph: tp.DependencyGraph, members: list[tuple[nn.Module, Callable, list[int], list[int]]]
+                    ) -> tp.dependency.Group:
+    """A torch-pruning group built by hand (for units its graph cannot follow): one item per ``(layer, pruning
+    function, channel indices, root index of each channel)``, bound to ``graph`` so criteria find the names."""
+    group = tp.dependency.Group()
+    for layer, handler, idxs, _ in members:
+        node = graph.module2node.get(layer) or tp.dependency.Node(layer, None, graph._module2name.get(layer))
+        group.add_dep(tp.dependency.Dependency(handler, handler, node, node), idxs)
+    for i, (_, _, _, roots) in enumerate(members):
+        group[i] = tp._helpers.GroupItem(group[i].dep, group[i].idxs)
+        group[i].root_idxs = roots
+    group._DG = graph
+    return group
+
+
 def scoring_group(unit: AttentionHeads, graph: tp.DependencyGraph) -> tp.dependency.Group:
     """A torch-pruning group scoring ``unit``'s key/value heads: the value rows (out channels of ``v``) and the
     output columns (in channels of ``o``) of each, root index = the key/value head. Criteria read the first
     ``kv_heads`` entries of its scores (a group's score vector is as long as its first item)."""
-    group = tp.dependency.Group()
     v_at = unit.offsets()[2]
     heads = list(range(unit.kv_heads))
-    for layer, handler, rows in ((unit.v, tp.prune_linear_out_channels, [v_at + i for i in unit.kv_rows(heads)]),
-                                 (unit.o, tp.prune_linear_in_channels, unit.query_rows(heads))):
-        node = graph.module2node.get(layer) or tp.dependency.Node(layer, None, graph._module2name.get(layer))
-        group.add_dep(tp.dependency.Dependency(handler, handler, node, node), rows)
-    roots = [[j for j in heads for _ in range(unit.head_dim)],
-             [j for j in heads for _ in range(unit.group * unit.head_dim)]]
-    for i, root in enumerate(roots):
-        group[i] = tp._helpers.GroupItem(group[i].dep, group[i].idxs)
-        group[i].root_idxs = root
-    group._DG = graph
-    return group
+    return synthetic_group(graph, [
+        (unit.v, tp.prune_linear_out_channels, [v_at + i for i in unit.kv_rows(heads)],
+         [j for j in heads for _ in range(unit.head_dim)]),
+        (unit.o, tp.prune_linear_in_channels, unit.query_rows(heads),
+         [j for j in heads for _ in range(unit.group * unit.head_dim)])])
 
 
 def head_scores(importance: Callable[[Any], Tensor | None], unit: AttentionHeads,

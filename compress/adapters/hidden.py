@@ -27,6 +27,8 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from ..batches import call
+from ..errors import CompressError
+from .heads import removable, synthetic_group
 
 HIDDEN_PREFIX = "hidden:"  # pruning-history entry of a hidden-size removal: ("hidden:", True, channels)
 
@@ -96,22 +98,30 @@ def residual_stream(model: nn.Module, example_inputs: Any, width: int) -> Residu
     return stream
 
 
+def check_stream(stream: ResidualStream, model: nn.Module) -> None:
+    """A one-line error unless the stream has norms over it and layers that write and read it (a model laid out
+    otherwise would be pruned inconsistently)."""
+    if not (stream.norms and stream.writers and stream.readers):
+        raise CompressError(f"cannot find the residual stream of {type(model).__name__} (norms over its hidden size "
+                            f"{stream.width}: {len(stream.norms)}, layers writing it: {len(stream.writers)}, reading "
+                            f"it: {len(stream.readers)})", "leave prune_hidden at 0 for this model")
+
+
 def _slice_last(module: nn.Module, attribute: str, keep: Tensor) -> None:
     old = getattr(module, attribute)
     setattr(module, attribute, nn.Parameter(old.data.index_select(-1, keep.to(old.device)).clone(),
                                             requires_grad=old.requires_grad))
 
 
-def remove_hidden(model: nn.Module, stream: ResidualStream, channels: list[int]) -> None:
-    """Prune hidden ``channels`` of ``stream`` from ``model`` in place (every member; tied heads re-tied)."""
-    channels = sorted(set(int(c) for c in channels))
+def remove_hidden(stream: ResidualStream, channels: list[int]) -> None:
+    """Prune hidden ``channels`` from every member of ``stream``, in place (tied heads re-tied)."""
+    channels = removable(channels, stream.width, "hidden channels")
     if not channels:
         return
-    if len(channels) >= stream.width or min(channels) < 0 or max(channels) >= stream.width:
-        raise ValueError(f"cannot remove hidden channels {channels[:5]}... of a hidden size of {stream.width}")
     tied = {name: emb for name, reader in stream.readers.items() for emb in stream.embeddings.values()
             if reader.weight is emb.weight}
-    keep = torch.tensor([c for c in range(stream.width) if c not in set(channels)])
+    removed = set(channels)
+    keep = torch.tensor([c for c in range(stream.width) if c not in removed])
     for m in stream.writers.values():
         (tp.prune_conv_out_channels if isinstance(m, nn.Conv2d) else tp.prune_linear_out_channels)(m, channels)
     for name, m in stream.readers.items():
@@ -135,21 +145,13 @@ def remove_hidden(model: nn.Module, stream: ResidualStream, channels: list[int])
 def scoring_group(stream: ResidualStream, graph: tp.DependencyGraph) -> tp.dependency.Group:
     """A torch-pruning group scoring ``stream``'s hidden channels (root index = channel): the writers' output
     channels, the embedding columns and the readers' input channels."""
-    group = tp.dependency.Group()
     channels = list(range(stream.width))
     members: list[tuple[nn.Module, Callable]] = [
         *((m, tp.prune_conv_out_channels if isinstance(m, nn.Conv2d) else tp.prune_linear_out_channels)
           for m in stream.writers.values()),
         *((m, tp.prune_embedding_out_channels) for m in stream.embeddings.values()),
         *((m, tp.prune_linear_in_channels) for m in stream.readers.values())]
-    for layer, handler in members:
-        node = graph.module2node.get(layer) or tp.dependency.Node(layer, None, graph._module2name.get(layer))
-        group.add_dep(tp.dependency.Dependency(handler, handler, node, node), channels)
-    for i in range(len(members)):
-        group[i] = tp._helpers.GroupItem(group[i].dep, group[i].idxs)
-        group[i].root_idxs = channels
-    group._DG = graph
-    return group
+    return synthetic_group(graph, [(layer, handler, channels, channels) for layer, handler in members])
 
 
 def lowest_channels(scores: Tensor, count: int) -> list[int]:
