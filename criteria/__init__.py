@@ -2,8 +2,8 @@
 
 Pruning criteria are torch-pruning ``Importance`` objects, usable by every torch-pruning pruner:
 
-* ``criteria.names()``: the registered names (built in: jbr, jbr-centred, jbr-mac, jbr-batch, jbr-ref, jacobian,
-  l1, l2, taylor, hessian, bn, fpgm, lamp, random); ``criteria.describe()``: one line each; ``criteria.uses_data(name)``.
+* ``criteria.names()``: the registered names (built in: jbr, jbr-centred, jbr-recal, jbr-mac, jbr-batch, jbr-ref,
+  jacobian, l1, l2, taylor, hessian, bn, fpgm, lamp, random); ``criteria.describe()``: one line each; ``criteria.uses_data(name)``.
 * ``criteria.get(name, data=None, *, normalizer=None, **options)``: the Importance, its scores normalised per
   group (``criteria.NORMALIZERS``: none, mean, max, sum, macs; default ``criteria.default_normalizer(name)``,
   ``DEFAULT_NORMALIZER`` for all but jbr-mac, see :mod:`criteria.normalize`); ``data`` (calibration batches, inputs or

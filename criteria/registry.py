@@ -29,6 +29,7 @@ from compress.nn_helpers import on_model
 
 from .calibrated import CalibratedImportance
 from .jbr import GateImportance, JacobianImportance, JBRBatchImportance, JBRImportance
+from .jbr_recal import RecalibratedJBRImportance
 from .jbr_ref import JBRReferenceImportance
 from .normalize import DEFAULT_NORMALIZER, NormalizedImportance, check_normalizer
 
@@ -164,6 +165,8 @@ _REGISTRY: dict[str, Criterion] = {
                      uses_data=True),
     "jbr-centred": Criterion(lambda data=None, **kw: JBRImportance(data, centred=True, **kw),
                              "JBR of replacing the channel by its mean: E_x[(m(x)ᵀ J_g (a_g(x) − μ_g))²]", uses_data=True),
+    "jbr-recal": Criterion(RecalibratedJBRImportance, "centred JBR minus what recalibrating the next BatchNorm "
+                           "restores (its mean and scale): E_x[(e(x) − Σ_j κ_jc G_j(x) − ...)²]", uses_data=True),
     "jbr-mac": Criterion(JBRImportance, "JBR divided by the MACs the removal saves", uses_data=True,
                          normalizer="macs"),
     "jbr-batch": Criterion(JBRBatchImportance, "batch-gradient JBR on confident frozen pseudo-labels (reference)",

@@ -12,7 +12,7 @@ from compress.errors import CompressError
 from criteria import registry
 from criteria.calibrated import CalibratedImportance
 
-BUILT_IN = ["jbr", "jbr-centred", "jbr-mac", "jbr-batch", "jbr-ref", "jacobian", "l1", "l2", "taylor", "hessian", "bn", "fpgm", "lamp", "random"]
+BUILT_IN = ["jbr", "jbr-centred", "jbr-recal", "jbr-mac", "jbr-batch", "jbr-ref", "jacobian", "l1", "l2", "taylor", "hessian", "bn", "fpgm", "lamp", "random"]
 
 
 @pytest.fixture(autouse=True)
