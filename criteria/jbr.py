@@ -74,6 +74,12 @@ def norm_after(graph: tp.DependencyGraph, layer: nn.Module) -> nn.Module | None:
     return norm.module if isinstance(norm.module, NORMS) and len(norm.inputs) == 1 else None
 
 
+def pruning_graph(model: nn.Module, example: Any) -> tp.DependencyGraph:
+    """The dependency graph the model's adapter prunes with, traced on ``example``."""
+    adapter = adapter_for(model)
+    return adapter.pruning_graph(model, adapter.dependency_graph(model, example))
+
+
 def gate_points(model: nn.Module, graph: tp.DependencyGraph) -> dict[str, nn.Module]:
     """Modules gated on their output: every BatchNorm, and every conv/linear unless it feeds exactly one BatchNorm
     and nothing else (that BN's output is the one that vanishes with the channel)."""
@@ -81,7 +87,7 @@ def gate_points(model: nn.Module, graph: tp.DependencyGraph) -> dict[str, nn.Mod
             if isinstance(m, NORMS) or (isinstance(m, LAYERS) and norm_after(graph, m) is None)}
 
 
-def _gate_shape(module: nn.Module, out: Tensor) -> tuple[int, ...]:
+def gate_shape(module: nn.Module, out: Tensor) -> tuple[int, ...]:
     """(B, C, 1, ...) for channel-first outputs, (B, 1, ..., C) for linear outputs."""
     if isinstance(module, nn.Linear):
         return (out.shape[0],) + (1,) * (out.dim() - 2) + (out.shape[-1],)
@@ -289,7 +295,7 @@ class GateImportance(CalibratedImportance):
                 if out.dim() == 0 or out.shape[0] != batch_rows[0]:
                     return out  # not one row per sample (Swin V2's position-bias MLP): nothing to score per sample
                 dtype = torch.promote_types(out.dtype, torch.float32) if use_autocast else out.dtype
-                shape = _gate_shape(module, out)
+                shape = gate_shape(module, out)
                 gate = torch.ones(shape, device=out.device, dtype=dtype, requires_grad=True)
                 gates.setdefault(name, []).append(gate)  # a module called twice gets one gate per call
                 if not self.centred:
@@ -316,8 +322,7 @@ class GateImportance(CalibratedImportance):
                 if index == 0:
                     self.example_input = map_tensors(first_rows(x, 1), torch.Tensor.detach)
                     if graph is None:
-                        adapter = adapter_for(model)
-                        graph = adapter.pruning_graph(model, adapter.dependency_graph(model, self.example_input))
+                        graph = pruning_graph(model, self.example_input)
                     handles = [m.register_forward_hook(hook(n)) for n, m in gate_points(model, graph).items()]
                 gates.clear()
                 batch_rows[0] = rows(x)

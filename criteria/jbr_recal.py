@@ -1,30 +1,36 @@
-"""``jbr-recal``: centred JBR that also credits what BatchNorm recalibration restores at the next BatchNorm.
+"""``jbr-recal``: the first-order TPV of removing a channel and then recalibrating BatchNorm, read where the channel
+is read.
 
-Removing channel c and recalibrating BN changes what the network pays for. Centred JBR
-(:class:`criteria.jbr.JBRImportance`, ``centred=True``) scores the fluctuation e = m(x)ᵀ J_c (a_c(x) − μ_c): the
-channel's mean is restored. Recalibration also re-estimates the mean μ_j and variance σ_j² of every BatchNorm n
-that reads the channel through a layer L (z = L(u), n normalises z). To first order in δz_j = W_j,c ⋆ (u_c − ū_c),
-the change of z_j (ū_c the channel's mean, replaced inside the image and zero in the padding), the recalibrated n
-outputs
+After pruning, recovery re-estimates every BatchNorm's statistics, so the damage that matters is the one left
+after recalibration. Removing channel c sets it to zero at the input u_c of every layer L that reads it. When a
+BatchNorm n follows L (z = L(u), n normalises z), recalibration re-estimates its mean μ_j and variance σ_j²; to
+first order in δz_j = W_j,c ⋆ (u_c − ū_c) (ū_c the channel's mean at L's input, replaced inside the image and zero
+in the padding) the recalibrated n outputs
 
     γ_j/σ_j · [δz_j − E δz_j − (z_j − μ_j) · Cov(z_j, δz_j)/σ_j²],
 
-so the mean of δz_j (nonzero where padding cuts the kernel) and its part along z_j itself (its "scale", in PRISM's
-split of a drift into scale and shape) are undone; only the rest (the "shape") reaches the output. The per-sample
-first-order effect of removing c becomes
+so the channel's mean, the mean of δz_j (nonzero where padding cuts the kernel) and the part of δz_j along z_j
+itself (its "scale", in PRISM's split of a drift into scale and shape) are restored; only the rest reaches the
+output. Per sample x, with s(x) = m(x)ᵀ f(x) (m the dense model's predicted class) and a multiplicative gate γ and
+an additive gate β on each input channel of each reading layer, the first-order effect of removing c is
 
-    d(x) = e(x) − Σ_j κ_jc G_j(x) − Σ_j (γ_j/σ_j) ν_jc B_j(x),
+    d(x) = Σ_L [∂s/∂γ_L,c − ū_L,c ∂s/∂β_L,c − Σ_j κ_jc G_j(x) − Σ_j (γ_j/σ_j) ν_jc B_j(x)]   (L followed by BN)
+         + Σ_L ∂s/∂γ_L,c                                                                    (L followed by none)
     κ_jc = Σ_k W_jck X_jck / (σ_j² + ε),   X_jck = E[(z_j − μ_j)(u_c,+k − ū_c)],   ν_jc = E[δz_j],
 
-G_j = ∂s/∂λ_j for a gate λ_j on n's output γ_j x̂_j and B_j = ∂s/∂β_j for a shift of it (the centred pass holds
-both: G = ∂s/∂g − β ∂s/∂b), k the kernel offsets, s = m(x)ᵀ f(x); the score is E_x[d(x)²]. X and ν come from
-four weight gradients of L (input u or ones, output gradient z or ones) summed in the same pass, so that μ and ū
-may be known only at its end. Only the BatchNorm right after each layer that reads the channel is modelled
-(deeper BatchNorms, which recalibration re-estimates too, are not), for convolutions with one group and linear
-layers; other readers get no recalibration term.
+G_j = ∂s/∂λ_j for a gate λ_j on n's output γ_j x̂_j and B_j = ∂s/∂β_j for a shift of it (gates on every
+BatchNorm's output: G = ∂s/∂g − β ∂s/∂b), k the kernel offsets; the score is E_x[d(x)²]. Where nothing is
+recalibrated (a classifier reading pooled features), the mean is not restored and the removal counts whole.
+Gating the readers' inputs rather than the output that vanishes matters after an activation: the mean of
+ReLU(a) is not ReLU's linearisation around the mean of a, which is what centring the BatchNorm output
+(``jbr-centred``) assumes. X and ν come from four weight gradients of L (input u or ones, output gradient z or
+ones) summed in the same pass, so that μ and ū may be known only at its end. Only the BatchNorm right after each
+reading layer is modelled (deeper BatchNorms, which recalibration re-estimates too, are not), for convolutions
+with one group and linear layers; grouped convolutions count as readers followed by nothing.
 
-Cost: the centred pass with per-sample rows kept (one float32 per sample, gated channel and gate kind) plus, per
-reading layer, one extra forward and weight gradient of that layer per batch (and three with one channel).
+One pass over the calibration data, per-sample rows kept (one float32 per sample and gate: every reading layer's
+input channels and every BatchNorm's output channels, twice), plus per reading layer followed by a BatchNorm one
+extra forward and weight gradient per batch (and three with one channel).
 """
 
 from __future__ import annotations
@@ -37,13 +43,13 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from compress.adapters import adapter_for
-from compress.batches import first_rows, map_tensors
-from compress.data import inputs_of
-from compress.distributed import all_reduce_sums
-from compress.nn_helpers import on_model
+from compress.batches import first_rows, predict, rows
+from compress.data import inputs_of, labels_of
+from compress.distributed import all_reduce_sum, all_reduce_sums
+from compress.errors import CompressError
+from compress.nn_helpers import channel_sums, on_model
 
-from .jbr import NORMS, JBRImportance, Target, norm_after
+from .jbr import LAYERS, NORMS, GateImportance, JBRImportance, Target, gate_shape, norm_after, pruning_graph
 
 READERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -133,21 +139,26 @@ class ReaderStatistics:
         return (weight.detach().double().cpu() * centred).flatten(2).sum(2)
 
 
-class RecalibratedJBRImportance(JBRImportance):
-    """``jbr-recal``: E_x[d(x)²], centred JBR with the first-order effect of recalibrating the next BatchNorm (its
-    mean and its scale) credited, see the module docstring. Keeps per-sample rows (``keep_rows``)."""
+class RecalibratedJBRImportance(GateImportance):
+    """``jbr-recal``: E_x[d(x)²], the first-order TPV of removing a channel and recalibrating BatchNorm, see the
+    module docstring. Gated where the channel is read: a multiplicative and an additive gate on the input of every
+    conv/linear layer (and gates on every BatchNorm's output, for G and B); per-sample rows are kept. ``target``:
+    as for :class:`~criteria.jbr.JBRImportance` (the predicted class, or ``"softmax"``)."""
 
-    def __init__(self, data: Iterable[Any] | None = None, *, target: Target = "predicted",
-                 autocast: bool = True) -> None:
-        super().__init__(data, target=target, centred=True, autocast=autocast, keep_rows=True)
-        self.readers: dict[str, ReaderStatistics] = {}
+    def __init__(self, data: Iterable[Any] | None = None, *, target: Target = "predicted") -> None:
+        super().__init__(data, autocast=False, keep_rows=True)  # runs in the model's dtype
+        self.target = target
+        self.readers: dict[str, ReaderStatistics] = {}  # per reading layer followed by a BatchNorm
         self.reader_norms: dict[str, str] = {}  # reading layer -> the BatchNorm it feeds
+        self.input_means: dict[str, Tensor] = {}  # ū per reading layer's input channel
+        self.rows_of: dict[str, dict[str, Tensor]] = {}  # "scale"/"shift" rows per gated name (reader or norm)
+
+    objective = JBRImportance.objective
+    uses_probabilities = JBRImportance.uses_probabilities
 
     def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
         if graph is None:
-            example = map_tensors(first_rows(on_model(inputs_of(next(iter(data))), model), 1), torch.Tensor.detach)
-            adapter = adapter_for(model)
-            graph = adapter.pruning_graph(model, adapter.dependency_graph(model, example))
+            graph = pruning_graph(model, first_rows(on_model(inputs_of(next(iter(data))), model), 1))
         names = {m: n for n, m in model.named_modules()}
         self.reader_norms = {}
         for layer, name in names.items():
@@ -155,76 +166,145 @@ class RecalibratedJBRImportance(JBRImportance):
             if norm is not None and getattr(layer, "groups", 1) == 1:
                 self.reader_norms[name] = names[norm]
         self.readers = {n: ReaderStatistics.empty(model.get_submodule(n)) for n in self.reader_norms}
-
-        def hook(name: str):
-            def record(module: nn.Module, inputs: tuple[Any, ...], out: Tensor) -> None:
-                if isinstance(inputs[0], Tensor) and inputs[0].shape[:1] == out.shape[:1]:
-                    self.readers[name].add(module, inputs[0], out)
-            return record
-
-        handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in self.readers]
-        try:
-            self.moments, self.plans, self.rows_seen = {}, {}, 0
-            self._pass(model, data, graph, lambda _graph: None, {}, keep_rows=True)
-        finally:
-            for h in handles:
-                h.remove()
+        self.rows_seen = 0
+        self._gated_pass(model, data, names)
         for name, stats in self.readers.items():  # under torch.distributed: every rank's samples
             reduced = all_reduce_sums(stats.tensors())
             stats.zu, stats.u1, stats.z1, stats.ones = reduced["zu"], reduced["u1"], reduced["z1"], reduced["ones"]
             stats.z_sum, stats.z_squares, stats.u_sum = reduced["z_sum"], reduced["z_squares"], reduced["u_sum"]
             stats.z_count, stats.u_count = (float(v) for v in reduced["counts"])
 
-    def _norm_rows(self, norm_name: str, norm: nn.Module) -> tuple[Tensor, Tensor] | None:
-        """G (rows, channels), per-sample ∂s/∂λ_j for a gate λ on the BatchNorm's output γ_j x̂_j, and the rows of
-        ∂s/∂β_j for a shift of its output."""
-        columns = self.columns.get(norm_name)
-        if columns is None:
+    def _gated_pass(self, model: nn.Module, data: Iterable[Any], names: dict[nn.Module, str]) -> None:
+        """One pass: per-sample ∂s/∂γ and ∂s/∂β of the gates on every reader's input and every BatchNorm's output,
+        the readers' input sums (ū) and the statistics of the readers followed by a BatchNorm."""
+        gates: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        sums: dict[str, Tensor] = {}
+        counts: dict[str, float] = {}
+        batch_rows = [0]
+
+        def gated(name: str, module: nn.Module, x: Tensor) -> Tensor:
+            scale = torch.ones(gate_shape(module, x), dtype=x.dtype, device=x.device, requires_grad=True)
+            shift = torch.zeros_like(scale, requires_grad=True)
+            gates.setdefault(name, []).append((scale, shift))
+            return x * scale + shift
+
+        def before(name: str):
+            def apply(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+                x = args[0] if args else None
+                if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != batch_rows[0]:
+                    return None
+                total, count = channel_sums(module, x)
+                sums[name] = sums.get(name, 0) + total
+                counts[name] = counts.get(name, 0) + count
+                return (gated(name, module, x), *args[1:])
+            return apply
+
+        def after(name: str):
+            def apply(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
+                if name in self.readers and isinstance(args[0], Tensor) and args[0].shape[:1] == out.shape[:1]:
+                    self.readers[name].add(module, args[0], out)
+                if isinstance(module, NORMS) and out.dim() > 0 and out.shape[0] == batch_rows[0]:
+                    return gated(name, module, out)
+                return None
+            return apply
+
+        handles = []
+        for module, name in names.items():
+            if isinstance(module, LAYERS):
+                handles.append(module.register_forward_pre_hook(before(name)))
+            if isinstance(module, NORMS) or name in self.readers:
+                handles.append(module.register_forward_hook(after(name)))
+        kept: dict[str, dict[str, list[Tensor]]] = {}
+        freeze = self.dense_targets is None
+        if freeze:
+            self.dense_targets, self._checksums = [], []
+        try:
+            batches = 0
+            for index, batch in enumerate(data):
+                x = on_model(inputs_of(batch), model)
+                batch_rows[0] = rows(x)
+                gates.clear()
+                logits = predict(model, x).float()
+                s = self.objective(logits, self._targets(index, x, logits, freeze), labels_of(batch))
+                flat = [g for calls in gates.values() for pair in calls for g in pair]
+                grads = iter(torch.autograd.grad(s.sum(), flat, allow_unused=True))
+                for name, calls in gates.items():
+                    scale = shift = 0
+                    for gate, _ in calls:
+                        ds, db = next(grads), next(grads)
+                        scale = scale + (torch.zeros_like(gate) if ds is None else ds)
+                        shift = shift + (torch.zeros_like(gate) if db is None else db)
+                    entry = kept.setdefault(name, {"scale": [], "shift": []})
+                    entry["scale"].append(scale.reshape(batch_rows[0], -1).detach().float().cpu())
+                    entry["shift"].append(shift.reshape(batch_rows[0], -1).detach().float().cpu())
+                self.rows_seen += batch_rows[0]
+                batches += 1
+            if batches == 0:
+                raise CompressError("jbr-recal got no calibration batches", "pass a non-empty calibration set")
+        except BaseException:
+            if freeze:
+                self.dense_targets = None
+            raise
+        finally:
+            for h in handles:
+                h.remove()
+        self.rows_of = {n: {k: torch.cat(v) for k, v in e.items()} for n, e in kept.items()}
+        self.input_means = {}
+        for name in sums:
+            reduced = all_reduce_sum(torch.cat([sums[name], torch.tensor([float(counts[name])], dtype=torch.float64)]))
+            self.input_means[name] = reduced[:-1] / reduced[-1].clamp(min=1.0)
+
+    def _norm_terms(self, norm_name: str, norm: nn.Module) -> tuple[Tensor, Tensor] | None:
+        """G (rows, channels), per-sample ∂s/∂λ_j for a gate λ on the BatchNorm's output γ_j x̂_j, and B, the rows
+        of ∂s/∂β_j for a shift of its output."""
+        rows_ = self.rows_of.get(norm_name)
+        if rows_ is None:
             return None
-        scale, shift = self.derivatives[:, columns].double(), self.shift_derivatives[:, columns].double()
+        scale, shift = rows_["scale"].double(), rows_["shift"].double()
         bias = norm.bias.detach().double().cpu() if norm.bias is not None else torch.zeros(scale.shape[1])
         return scale - bias * shift, shift
 
-    def rescaling(self, group: Any) -> Tensor | None:
-        """Σ over the group's reading layers of G κ_c + (γ/σ) B ν_c (rows, root channels): what recalibrating the
-        BatchNorm after each reader restores; None when no reader is modelled."""
+    def _reader_derivatives(self, name: str, layer: nn.Module) -> Tensor | None:
+        """d per input channel of one reading layer (rows, in channels): ∂s/∂γ − ū ∂s/∂β − (G κ + (γ/σ) B ν) when
+        a BatchNorm follows it (recalibration restores the mean and rescales), else ∂s/∂γ (removal as such)."""
+        rows_ = self.rows_of.get(name)
+        if rows_ is None:
+            return None
+        d = rows_["scale"].double()
+        norm_name = self.reader_norms.get(name)
+        if norm_name is None:
+            return d
+        norm = self._model().get_submodule(norm_name)
+        terms = self._norm_terms(norm_name, norm)
+        u_mean = self.input_means[name]
+        d = d - u_mean * rows_["shift"].double() if d.shape[1] == len(u_mean) else d
+        if terms is None or name not in self.readers:
+            return d
+        stats = self.readers[name]
+        frozen = (norm.weight.detach().double().cpu() if norm.weight is not None else 1.0) / torch.sqrt(
+            norm.running_var.detach().double().cpu() + norm.eps)
+        coefficients = torch.cat([stats.kappa(layer.weight, norm.eps), frozen[:, None] * stats.mean_shift(layer.weight)])
+        return d - torch.cat(terms, 1) @ coefficients
+
+    def group_derivatives(self, group: Any) -> Tensor | None:
+        """d (rows, root channels): Σ over the group's reading layers of their per-channel d, mapped to the roots."""
         names = self.module_names(group)
         total, seen = None, set()
         for item in group:
             dep, idxs = item.dep, item.idxs
-            layer = dep.target.module
-            name = names.get(layer)
-            if (getattr(dep.handler, "__name__", "") != "prune_in_channels" or name not in self.readers
-                    or (name, tuple(idxs)) in seen):
+            name = names.get(dep.target.module)
+            if getattr(dep.handler, "__name__", "") != "prune_in_channels" or (name, tuple(idxs)) in seen:
                 continue
             seen.add((name, tuple(idxs)))
-            norm_name = self.reader_norms[name]
-            norm = self._model().get_submodule(norm_name)
-            rows = self._norm_rows(norm_name, norm) if isinstance(norm, NORMS) else None
-            if rows is None:
-                continue
-            scale_rows, shift_rows = rows
-            stats = self.readers[name]
-            # frozen normalisation of the BatchNorm: γ_j / sqrt(running var + eps) scales E[δz_j] into its output
-            frozen = (norm.weight.detach().double().cpu() if norm.weight is not None else 1.0) / torch.sqrt(
-                norm.running_var.detach().double().cpu() + norm.eps)
-            coefficients = torch.cat([stats.kappa(layer.weight, norm.eps),
-                                      frozen[:, None] * stats.mean_shift(layer.weight)])
+            d = self._reader_derivatives(name, dep.target.module)
             pairs = [(int(r), int(c)) for r, c in zip(item.root_idxs, idxs) if r is not None]
-            if not pairs:
+            if d is None or not pairs or max(c for _, c in pairs) >= d.shape[1]:
                 continue
-            roots = torch.tensor([r for r, _ in pairs])
-            local = torch.tensor([c for _, c in pairs])
             if total is None:
-                total = torch.zeros(len(scale_rows), len(group[0].idxs), dtype=torch.float64)
-            total.index_add_(1, roots, torch.cat([scale_rows, shift_rows], 1) @ coefficients[:, local])
+                total = torch.zeros(len(d), len(group[0].idxs), dtype=torch.float64)
+            total.index_add_(1, torch.tensor([r for r, _ in pairs]), d[:, [c for _, c in pairs]])
         return total
 
     def _group_sums(self, group: Any) -> Tensor | None:
-        centred = self.group_derivatives(group)
-        rescaled = self.rescaling(group)
-        if centred is None and rescaled is None:
-            return None
-        if centred is None:
-            centred = torch.zeros_like(rescaled)
-        return ((centred - rescaled) ** 2 if rescaled is not None else centred ** 2).sum(0)
+        d = self.group_derivatives(group)
+        return None if d is None else (d ** 2).sum(0)

@@ -165,8 +165,8 @@ _REGISTRY: dict[str, Criterion] = {
                      uses_data=True),
     "jbr-centred": Criterion(lambda data=None, **kw: JBRImportance(data, centred=True, **kw),
                              "JBR of replacing the channel by its mean: E_x[(m(x)ᵀ J_g (a_g(x) − μ_g))²]", uses_data=True),
-    "jbr-recal": Criterion(RecalibratedJBRImportance, "centred JBR minus what recalibrating the next BatchNorm "
-                           "restores (its mean and scale): E_x[(e(x) − Σ_j κ_jc G_j(x) − ...)²]", uses_data=True),
+    "jbr-recal": Criterion(RecalibratedJBRImportance, "first-order TPV of removal then BN recalibration, gated "
+                           "where the channel is read (mean and scale restored at the next BatchNorm)", uses_data=True),
     "jbr-mac": Criterion(JBRImportance, "JBR divided by the MACs the removal saves", uses_data=True,
                          normalizer="macs"),
     "jbr-batch": Criterion(JBRBatchImportance, "batch-gradient JBR on confident frozen pseudo-labels (reference)",

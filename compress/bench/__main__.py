@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import CompressError
 
 BENCHMARKS = {"criteria": "criteria_speed", "pruning": "pruning", "quant": "quant", "deploy": "deploy",
-              "coverage": "coverage", "scale": "scale"}
+              "coverage": "coverage", "scale": "scale", "removal": "removal"}
 
 
 def main(argv: list[str] | None = None) -> int:

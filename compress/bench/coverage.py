@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision")
     p.add_argument("--models", nargs="+", default=None, help="names (default: every classifier of the zoo)")
     p.add_argument("--image-size", type=int, default=64, help="input size, raised to a model's minimum")
-    p.add_argument("--criterion", default="jbr", help="pruning criterion (default: prune's default)")
+    p.add_argument("--criterion", default="jbr", help="pruning criterion (default: jbr, the criterion of the sweeps "
+                   "in BENCHMARKS.md; prune's own default is jbr-centred)")
     p.add_argument("--target", type=float, default=0.5, help="MACs fraction kept")
     p.add_argument("--avg-bits", type=float, default=5.0)
     p.add_argument("--samples", type=int, default=16, help="calibration samples (random inputs)")

@@ -77,7 +77,8 @@ def criterion_options(items: list[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
-def _dense(args: argparse.Namespace) -> torch.nn.Module:
+def dense_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The cached dense model of ``--arch`` (trained on first use with ``--train-epochs``/``--train-samples``)."""
     config = replace(default_train_config(args.arch), train_samples=args.train_samples)
     if args.train_epochs:
         config = replace(config, epochs=args.train_epochs)
@@ -119,7 +120,7 @@ def _planned(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     options = criterion_options(args.option)
-    dense = _dense(args)
+    dense = dense_model(args)
     channels, size = spec_of(dense).input_shape[0], spec_of(dense).input_shape[-1]
     train = FashionMNIST("train", channels=channels, image_size=size)
     test_set = FashionMNIST("test", channels=channels, image_size=size)
