@@ -145,9 +145,11 @@ class RecalibratedJBRImportance(GateImportance):
     conv/linear layer (and gates on every BatchNorm's output, for G and B); per-sample rows are kept. ``target``:
     as for :class:`~criteria.jbr.JBRImportance` (the predicted class, or ``"softmax"``)."""
 
-    def __init__(self, data: Iterable[Any] | None = None, *, target: Target = "predicted") -> None:
+    def __init__(self, data: Iterable[Any] | None = None, *, target: Target = "predicted",
+                 rescale: bool = True) -> None:
         super().__init__(data, autocast=False, keep_rows=True)  # runs in the model's dtype
         self.target = target
+        self.rescale = rescale
         self.readers: dict[str, ReaderStatistics] = {}  # per reading layer followed by a BatchNorm
         self.reader_norms: dict[str, str] = {}  # reading layer -> the BatchNorm it feeds
         self.input_means: dict[str, Tensor] = {}  # ū per reading layer's input channel
@@ -278,7 +280,7 @@ class RecalibratedJBRImportance(GateImportance):
         terms = self._norm_terms(norm_name, norm)
         u_mean = self.input_means[name]
         d = d - u_mean * rows_["shift"].double() if d.shape[1] == len(u_mean) else d
-        if terms is None or name not in self.readers:
+        if terms is None or name not in self.readers or not self.rescale:
             return d
         stats = self.readers[name]
         frozen = (norm.weight.detach().double().cpu() if norm.weight is not None else 1.0) / torch.sqrt(
