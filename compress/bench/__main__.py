@@ -11,7 +11,8 @@ from pathlib import Path
 from ..errors import CompressError
 
 BENCHMARKS = {"criteria": "criteria_speed", "pruning": "pruning", "quant": "quant", "deploy": "deploy",
-              "coverage": "coverage", "scale": "scale", "removal": "removal"}
+              "coverage": "coverage", "scale": "scale", "removal": "removal",
+              "allocation": "allocation"}
 
 
 def main(argv: list[str] | None = None) -> int:
