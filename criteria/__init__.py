@@ -8,7 +8,8 @@ Pruning criteria are torch-pruning ``Importance`` objects, usable by every torch
   group (``criteria.NORMALIZERS``: none, mean, max, sum, macs; default ``criteria.default_normalizer(name)``,
   ``DEFAULT_NORMALIZER`` for all but jbr-mac, see :mod:`criteria.normalize`); ``data`` (calibration batches, inputs or
   (input, label); same samples in the same order every time) goes to the criteria that use it. Unknown name:
-  ``CompressError`` listing the names.
+  ``CompressError`` listing the names. ``"SELECT@ALLOCATE"`` (e.g. ``"jbr-centred@bn"``): channels chosen by
+  SELECT, how many per group by ALLOCATE (:mod:`criteria.allocated`); ``criteria.parts(name)`` splits it.
 * ``criteria.prepare(importance, model, data=None)``: the one hook for every criterion. It runs the calibration
   passes the criterion needs on ``model`` now (JBR gate pass; Taylor's gradient of the loss on the model's own
   predictions; Hessian's per-sample squared gradients) and is a no-op for magnitude criteria. Results are cached
@@ -35,7 +36,8 @@ TPV estimates live in ``criteria.tpv``, the quantization-noise model and HAWQ-V2
 """
 
 from .normalize import DEFAULT_NORMALIZER, NORMALIZERS
-from .registry import NEEDS_LABELS, default_normalizer, describe, get, names, needs_labels, prepare, register, uses_data
+from .registry import (NEEDS_LABELS, default_normalizer, describe, get, names, needs_labels, parts, prepare, register,
+                       uses_data)
 
 __all__ = ["DEFAULT_NORMALIZER", "NEEDS_LABELS", "NORMALIZERS", "default_normalizer", "describe", "get", "names",
-           "needs_labels", "prepare", "register", "uses_data"]
+           "needs_labels", "parts", "prepare", "register", "uses_data"]

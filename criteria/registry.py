@@ -27,6 +27,7 @@ from compress.distributed import all_reduce_sum, all_reduce_sums
 from compress.errors import CompressError
 from compress.nn_helpers import on_model
 
+from .allocated import AllocatedImportance
 from .calibrated import CalibratedImportance
 from .jbr import GateImportance, JacobianImportance, JBRBatchImportance, JBRImportance
 from .jbr_recal import RecalibratedJBRImportance
@@ -249,33 +250,59 @@ def describe() -> dict[str, str]:
     return {n: c.description for n, c in _REGISTRY.items()}
 
 
+COMPOSITE = "@"  # "SELECT@ALLOCATE": channels chosen by SELECT, how many per group by ALLOCATE
+
+
+def parts(name: str) -> tuple[str, str | None]:
+    """(selection, allocation) of a criterion name: ``"jbr-centred@bn"`` -> ("jbr-centred", "bn"), a registered
+    name -> (name, None); a one-line CompressError for unknown parts."""
+    select, _, allocate = name.partition(COMPOSITE) if isinstance(name, str) else (name, "", "")
+    for part in (select, allocate) if allocate else (select,):
+        _entry(part)
+    if COMPOSITE in allocate or (COMPOSITE in name and not allocate):
+        raise CompressError(f"criterion {name!r} is not NAME or SELECT{COMPOSITE}ALLOCATE",
+                            f"e.g. jbr-centred{COMPOSITE}bn: channels chosen by jbr-centred, how many per layer by bn")
+    return select, allocate or None
+
+
 def uses_data(name: str) -> bool:
     """Whether criterion ``name`` runs calibration passes (and so needs ``data``)."""
-    return _entry(name).uses_data
+    return any(_entry(p).uses_data for p in parts(name) if p)
 
 
 def needs_labels(name: str) -> bool:
     """Whether criterion ``name`` needs labelled calibration batches, (input, label)."""
-    return _entry(name).needs_labels
+    return any(_entry(p).needs_labels for p in parts(name) if p)
 
 
 def _entry(name: str) -> Criterion:
     if name not in _REGISTRY:
-        raise CompressError(f"unknown criterion {name!r}", f"use one of {', '.join(_REGISTRY)}")
+        raise CompressError(f"unknown criterion {name!r}", f"use one of {', '.join(_REGISTRY)}, or SELECT{COMPOSITE}"
+                            "ALLOCATE of two of them")
     return _REGISTRY[name]
 
 
 def default_normalizer(name: str) -> str:
-    """The normaliser :func:`get` applies to criterion ``name`` unless told otherwise."""
-    return _entry(name).normalizer or DEFAULT_NORMALIZER
+    """The normaliser :func:`get` applies to criterion ``name`` unless told otherwise (of a composite name: its
+    allocation criterion's, since the normaliser only changes how many channels each group loses)."""
+    select, allocate = parts(name)
+    return _entry(allocate or select).normalizer or DEFAULT_NORMALIZER
 
 
 def get(name: str, data: Iterable[Any] | None = None, *, normalizer: str | None = None,
-        **options: Any) -> NormalizedImportance:
+        **options: Any) -> CalibratedImportance:
     """The torch-pruning Importance registered as ``name``, its scores normalised per group by ``normalizer``
     (one of :data:`~criteria.normalize.NORMALIZERS`; default :func:`default_normalizer`); ``data`` goes to
     criteria that use it (ignored by the others), ``options`` to its constructor (e.g. ``target="softmax"`` for
-    jbr, ``confidence`` for jbr-batch). The criterion itself is ``.importance`` of the result."""
+    jbr, ``confidence`` for jbr-batch). The criterion itself is ``.importance`` of the result.
+
+    ``"SELECT@ALLOCATE"`` (e.g. ``"jbr-centred@bn"``): an :class:`~criteria.allocated.AllocatedImportance`, each
+    group losing as many channels as ALLOCATE (normalised by ``normalizer``) would remove, the ones SELECT ranks
+    lowest; ``options`` go to SELECT."""
+    select, allocate = parts(name)
+    if allocate is not None:
+        return AllocatedImportance(get(select, data, normalizer="none", **options),
+                                   get(allocate, data, normalizer=normalizer), data)
     entry = _entry(name)
     normalizer = check_normalizer(normalizer or default_normalizer(name))
     try:
@@ -286,6 +313,15 @@ def get(name: str, data: Iterable[Any] | None = None, *, normalizer: str | None 
         raise CompressError(f"criterion {name!r} built a {type(importance).__name__}, not a torch-pruning Importance",
                             "make its factory return a torch_pruning.importance.Importance (e.g. a subclass)")
     return NormalizedImportance(importance, normalizer, data)
+
+
+def _gate_criteria(importance: tp.importance.Importance) -> list[GateImportance]:
+    """The JBR gate criteria inside ``importance`` (normalised, or the parts of a composite)."""
+    if isinstance(importance, NormalizedImportance):
+        return _gate_criteria(importance.importance)
+    if isinstance(importance, AllocatedImportance):
+        return _gate_criteria(importance.select) + _gate_criteria(importance.allocate)
+    return [importance] if isinstance(importance, GateImportance) else []
 
 
 def prepare(importance: tp.importance.Importance, model: nn.Module, data: Iterable[Any] | None = None,
@@ -299,8 +335,7 @@ def prepare(importance: tp.importance.Importance, model: nn.Module, data: Iterab
     pruner will use (default: the model's own); ``ignored_layers``: the pruner's, so that the groups it will score
     are known before the pass (JBR then keeps one sum per channel instead of one value per sample and channel);
     ``extra_groups``: groups built outside the graph that will be scored too (attention heads)."""
-    inner = importance.importance if isinstance(importance, NormalizedImportance) else importance
-    if isinstance(inner, GateImportance) and ignored_layers is not None:
+    for inner in _gate_criteria(importance) if ignored_layers is not None else []:
         inner.scored_groups_ignoring = list(ignored_layers)
         inner.extra_groups = list(extra_groups)
     if isinstance(importance, CalibratedImportance):

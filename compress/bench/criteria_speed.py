@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             for group in groups:
                 imp(group)
             model.zero_grad(set_to_none=True)
-            state[0] = getattr(imp.importance, "state_bytes", 0)
+            state[0] = getattr(getattr(imp, "importance", imp), "state_bytes", 0)
 
         try:
             seconds = timed(score)

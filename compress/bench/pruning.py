@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "compress.models.PRESET_TRAIN_EPOCHS of the arch, else TrainConfig's); part of its cache key")
     p.add_argument("--train-samples", type=int, default=None, help="train the dense model on a subset (tests)")
     p.add_argument("--protocol", default="ours", choices=("ours", "paper"))
-    p.add_argument("--criteria", nargs="+", default=DEFAULT_CRITERIA, choices=criteria.names())
+    p.add_argument("--criteria", nargs="+", default=DEFAULT_CRITERIA, type=criterion_arg,
+                   help="registered names, or SELECT@ALLOCATE (e.g. jbr-centred@bn)")
     p.add_argument("--normalizers", nargs="+", default=["none", "mean"], choices=criteria.NORMALIZERS)
     p.add_argument("--mean-replacement", default="off", choices=("off", "on", "both"))
     p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5, 0.3], help="MACs fractions (ours)")
@@ -58,6 +59,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a criterion option (VALUE read as JSON), e.g. jbr-ref:samples=6400; repeatable")
     p.add_argument("--recalibrate-steps", action="store_true",
                    help="re-estimate BN statistics on the calibration inputs between pruning steps (ours)")
+
+
+def criterion_arg(name: str) -> str:
+    """``name`` when it is a registered criterion or SELECT@ALLOCATE of two (an argparse type)."""
+    try:
+        criteria.parts(name)
+    except CompressError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return name
 
 
 def criterion_options(items: list[str]) -> dict[str, dict[str, Any]]:
