@@ -37,6 +37,7 @@ pass one batch's autograd graph on the model's device.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal
 
@@ -313,17 +314,14 @@ class GateImportance(CalibratedImportance):
         widths: dict[str, int] = {}
         kept_rows: list[Tensor] = []
         batches = 0
-        freeze = self.uses_dense_targets and self.dense_targets is None
-        if freeze:
-            self.dense_targets, self._checksums = [], []
-        try:
+        with self._pass_context(handles) as freeze:
             for index, batch in enumerate(data):
                 x = on_model(inputs_of(batch), model)
                 if index == 0:
                     self.example_input = map_tensors(first_rows(x, 1), torch.Tensor.detach)
                     if graph is None:
                         graph = pruning_graph(model, self.example_input)
-                    handles = [m.register_forward_hook(hook(n)) for n, m in gate_points(model, graph).items()]
+                    handles += [m.register_forward_hook(hook(n)) for n, m in gate_points(model, graph).items()]
                 gates.clear()
                 batch_rows[0] = rows(x)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
@@ -348,9 +346,22 @@ class GateImportance(CalibratedImportance):
                 batches += 1
                 if keep_rows:
                     kept_rows.append(row if shift_row is None else torch.stack([row, shift_row]))
-            if batches == 0:
-                raise CompressError(f"{type(self).__name__} got no calibration batches",
-                                    "pass a non-empty calibration set")
+            self._check_not_empty(batches)
+        self._check_batch_count(batches)
+        if self.centred:
+            self.output_means = self._means(widths, output_sums, output_counts)
+        kept = torch.cat(kept_rows, -2) if keep_rows else None
+        self.derivatives, self.shift_derivatives = (kept[0], kept[1]) if keep_rows and self.centred else (kept, None)
+
+    @contextmanager
+    def _pass_context(self, handles: list[Any]) -> Iterator[bool]:
+        """Around one calibration pass: yields whether it freezes the dense model's predictions (the first pass),
+        forgets them again if the pass fails, and removes the pass's hooks (``handles``, filled by the pass)."""
+        freeze = self.uses_dense_targets and self.dense_targets is None
+        if freeze:
+            self.dense_targets, self._checksums = [], []
+        try:
+            yield freeze
         except BaseException:
             if freeze:
                 self.dense_targets = None
@@ -358,13 +369,15 @@ class GateImportance(CalibratedImportance):
         finally:
             for h in handles:
                 h.remove()
+
+    def _check_not_empty(self, batches: int) -> None:
+        if batches == 0:
+            raise CompressError(f"{type(self).__name__} got no calibration batches", "pass a non-empty calibration set")
+
+    def _check_batch_count(self, batches: int) -> None:
         if self.dense_targets is not None and len(self.dense_targets) != batches:
             raise CompressError("the calibration data has fewer batches than when the dense predictions were frozen",
                                 "pass the same calibration data at every pruning step")
-        if self.centred:
-            self.output_means = self._means(widths, output_sums, output_counts)
-        kept = torch.cat(kept_rows, -2) if keep_rows else None
-        self.derivatives, self.shift_derivatives = (kept[0], kept[1]) if keep_rows and self.centred else (kept, None)
 
     @staticmethod
     def _per_name(gates: dict[str, list[Tensor]], grads: Iterator[Tensor | None], batch_rows: int) -> dict[str, Tensor]:

@@ -46,7 +46,6 @@ from torch import Tensor, nn
 from compress.batches import first_rows, predict, rows
 from compress.data import inputs_of, labels_of
 from compress.distributed import all_reduce_sum, all_reduce_sums
-from compress.errors import CompressError
 from compress.nn_helpers import channel_sums, on_model
 
 from .jbr import LAYERS, NORMS, GateImportance, JBRImportance, Target, gate_shape, norm_after, pruning_graph
@@ -217,11 +216,8 @@ class RecalibratedJBRImportance(GateImportance):
             if isinstance(module, NORMS) or name in self.readers:
                 handles.append(module.register_forward_hook(after(name)))
         kept: dict[str, dict[str, list[Tensor]]] = {}
-        freeze = self.dense_targets is None
-        if freeze:
-            self.dense_targets, self._checksums = [], []
-        try:
-            batches = 0
+        batches = 0
+        with self._pass_context(handles) as freeze:
             for index, batch in enumerate(data):
                 x = on_model(inputs_of(batch), model)
                 batch_rows[0] = rows(x)
@@ -241,15 +237,8 @@ class RecalibratedJBRImportance(GateImportance):
                     entry["shift"].append(shift.reshape(batch_rows[0], -1).detach().float().cpu())
                 self.rows_seen += batch_rows[0]
                 batches += 1
-            if batches == 0:
-                raise CompressError("jbr-recal got no calibration batches", "pass a non-empty calibration set")
-        except BaseException:
-            if freeze:
-                self.dense_targets = None
-            raise
-        finally:
-            for h in handles:
-                h.remove()
+            self._check_not_empty(batches)
+        self._check_batch_count(batches)
         self.rows_of = {n: {k: torch.cat(v) for k, v in e.items()} for n, e in kept.items()}
         self.input_means = {}
         for name in sums:
