@@ -338,7 +338,9 @@ def _calibration(data: Iterable[Any], criterion: Any, samples: int, batch_size: 
     return calibration(data, samples, batch_size, seed, with_labels=labelled)
 
 
-DEFAULT_CRITERION = "jbr-centred"  # the best criterion after BN recalibration in BENCHMARKS.md (issue 14)
+# channels chosen by jbr-centred, how many per layer by BatchNorm scale (jbr-centred alone where a layer has no
+# BatchNorm): the best after BN recalibration on the ResNet-20 and ResNet-56 layouts, BENCHMARKS.md (issue 14)
+DEFAULT_CRITERION = "jbr-centred@bn"
 
 
 def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITERION, target: Target = Target(macs=0.5), *,
@@ -350,9 +352,12 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITER
           prune_hidden: float = 0.0, progress: bool = True) -> PruneResult:
     """Prune a copy of ``model`` with ``criterion`` until ``target`` is met (within ``tolerance``, below if possible).
 
-    ``criterion``: a registered name (``criteria.names()``; default ``jbr-centred``, the TPV of replacing a channel
-    by its mean, which BatchNorm recalibration recovers) or any torch-pruning ``Importance`` object (a
-    :class:`criteria.calibrated.CalibratedImportance` gets the calibration data before each step).
+    ``criterion``: a registered name (``criteria.names()``), ``"SELECT@ALLOCATE"`` (channels chosen by SELECT, how
+    many per layer by ALLOCATE) or any torch-pruning ``Importance`` object (a
+    :class:`criteria.calibrated.CalibratedImportance` gets the calibration data before each step). Default
+    ``jbr-centred@bn``: within each layer the channels whose replacement by their mean (what BatchNorm
+    recalibration recovers) costs least TPV, as many per layer as BatchNorm scales would remove (jbr-centred's own
+    allocation in layers without BatchNorm).
     ``data``: calibration inputs (any iterable of batches or a dataset; labels ignored unless the criterion
     needs them, e.g. ``jacobian``). ``max_layer_ratio`` caps how much of any one layer a step may remove.
     ``normalizer``: how each group's scores are rescaled before the global ranking (``criteria.NORMALIZERS``;

@@ -5,7 +5,9 @@ many channels the group loses (allocation), their order which channels (selectio
 different criteria: :class:`AllocatedImportance` gives each channel the allocation criterion's score of the same
 rank within the group, ordered by the selection criterion, i.e. score'[argsort(s)] = sort(a). Every group then
 holds exactly the allocation criterion's values, so a global threshold removes as many of its channels as the
-allocation criterion alone would, and those are the ones the selection criterion ranks lowest.
+allocation criterion alone would, and those are the ones the selection criterion ranks lowest. A group the
+allocation criterion cannot score (``bn`` on a layer without BatchNorm) or scores all alike (``bn`` before
+training, every γ = 1) keeps the selection criterion's own normalised scores.
 (``python -m compress.bench allocation`` measures the two parts separately: on the benchmark models JBR chooses
 channels within a layer better than magnitude criteria but allocates worse; BENCHMARKS.md.)
 """
@@ -22,8 +24,9 @@ from .calibrated import CalibratedImportance
 
 
 class AllocatedImportance(CalibratedImportance):
-    """Channels chosen by ``select`` (its order within a group), how many per group by ``allocate`` (its values).
-    Either may be any torch-pruning Importance; calibration passes go to both."""
+    """Channels chosen by ``select`` (its order within a group), how many per group by ``allocate`` (its values);
+    ``select``'s own (normalised) scores where ``allocate`` has none or ties them all. Either may be any
+    torch-pruning Importance; calibration passes go to both."""
 
     def __init__(self, select: tp.importance.Importance, allocate: tp.importance.Importance,
                  data: Iterable[Any] | None = None) -> None:
@@ -52,8 +55,10 @@ class AllocatedImportance(CalibratedImportance):
     def score(self, group: Any) -> Tensor | None:
         values = self.allocate(group)
         order = self.select(group)
-        if values is None or order is None or values.numel() != order.numel():
+        if order is None:
             return values
+        if values is None or values.numel() != order.numel() or bool((values == values.flatten()[0]).all()):
+            return order  # nothing to allocate by: the selection's own scores
         scores = torch.empty_like(values)
         scores[order.argsort(stable=True)] = values.sort(stable=True).values
         return scores

@@ -298,10 +298,10 @@ def get(name: str, data: Iterable[Any] | None = None, *, normalizer: str | None 
 
     ``"SELECT@ALLOCATE"`` (e.g. ``"jbr-centred@bn"``): an :class:`~criteria.allocated.AllocatedImportance`, each
     group losing as many channels as ALLOCATE (normalised by ``normalizer``) would remove, the ones SELECT ranks
-    lowest; ``options`` go to SELECT."""
+    lowest (SELECT's own normalised scores where ALLOCATE has none); ``options`` go to SELECT."""
     select, allocate = parts(name)
     if allocate is not None:
-        return AllocatedImportance(get(select, data, normalizer="none", **options),
+        return AllocatedImportance(get(select, data, normalizer=normalizer, **options),
                                    get(allocate, data, normalizer=normalizer), data)
     entry = _entry(name)
     normalizer = check_normalizer(normalizer or default_normalizer(name))

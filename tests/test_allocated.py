@@ -65,3 +65,20 @@ def test_parts_data_labels_and_normalisers_of_composite_names():
         with pytest.raises(CompressError) as err:
             criteria.parts(bad)
         assert "\n" not in str(err.value)
+
+
+def test_groups_the_allocation_cannot_tell_apart_keep_the_selection_scores(net_and_data):
+    model, data = net_and_data  # untrained: every BatchNorm γ is 1, so bn ties every channel of every group
+    composite, select = criteria.get("jbr-centred@bn", data), criteria.get("jbr-centred", data)
+    for group in _groups(model, data[0]):
+        torch.testing.assert_close(composite(group), select(group))
+
+
+def test_groups_without_batchnorm_keep_the_selection_scores():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    data = [torch.randn(16, 6)]
+    graph = tp.DependencyGraph().build_dependency(mlp, data[0][:1])
+    group = graph.get_pruning_group(mlp[0], tp.prune_linear_out_channels, idxs=list(range(8)))
+    assert criteria.get("bn")(group) is None
+    torch.testing.assert_close(criteria.get("jbr-centred@bn", data)(group), criteria.get("jbr-centred", data)(group))

@@ -62,7 +62,7 @@ class DataSection:
 @dataclass(frozen=True)
 class PruneSection:
     enabled: bool = True
-    criterion: str = "jbr-centred"  # compress.prune's default
+    criterion: str = "jbr-centred@bn"  # compress.prune's default
     target_macs: float | None = 0.5
     target_params: float | None = None
     target_latency: float | None = None  # fraction of the dense onnxruntime CPU latency at batch 1 (check.threads)
