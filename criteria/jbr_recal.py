@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from compress.batches import first_rows, predict, rows
 from compress.data import inputs_of, labels_of
 from compress.distributed import all_reduce_sum, all_reduce_sums
+from compress.errors import CompressError
 from compress.nn_helpers import channel_sums, on_model
 
 from .jbr import LAYERS, NORMS, GateImportance, JBRImportance, Target, gate_shape, norm_after, pruning_graph
@@ -146,6 +147,8 @@ class RecalibratedJBRImportance(GateImportance):
 
     def __init__(self, data: Iterable[Any] | None = None, *, target: Target = "predicted",
                  rescale: bool = True) -> None:
+        if target not in ("predicted", "softmax"):
+            raise CompressError(f"unknown JBR target {target!r}", "use target='predicted' or target='softmax'")
         super().__init__(data, autocast=False, keep_rows=True)  # runs in the model's dtype
         self.target = target
         self.rescale = rescale
