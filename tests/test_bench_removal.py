@@ -1,4 +1,5 @@
-"""``python -m compress.bench removal``: zeroing a channel is removing it, the rank correlation, and a small run."""
+"""``python -m compress.bench removal`` and ``allocation``: zeroing a channel is removing it, the rank correlation,
+small runs, and the allocation control (a criterion's own widths and channels give its own result)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,20 @@ def test_a_small_run_ranks_every_criterion(tmp_path, monkeypatch):
     assert [s["criterion"] for s in payload["summary"]] == ["jbr-recal", "l1", "T frozen"]
     assert all(-1 <= s["recal"] <= 1 for s in payload["summary"])
     assert "Spearman" in (out / "removal.md").read_text()
+
+
+def test_allocation_with_a_criterions_own_widths_and_channels_reproduces_its_run(tmp_path, monkeypatch):
+    """In one pruning step the run's channels are the lowest by the dense model's l1 scores: its own widths filled
+    one shot by l1 are its own model, and give its own top-1."""
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    common = ["--arch", "small_resnet", "--train-samples", "256", "--test-limit", "200", "--calibration", "32",
+              "--calibration-batch", "16", "--recal-samples", "64"]
+    assert main(["pruning", *common, "--criteria", "l1", "--normalizers", "mean", "--targets", "0.6", "--steps",
+                 "1", "--seeds", "1", "--distill-epochs", "0", "--out", str(tmp_path / "pruning")]) == 0
+    row = json.loads((tmp_path / "pruning" / "pruning-rows.jsonl").read_text().splitlines()[0])
+    assert main(["allocation", *common, "--rows", str(tmp_path / "pruning" / "pruning-rows.jsonl"), "--target", "0.6",
+                 "--allocations", "l1", "--selections", "l1", "random", "--out", str(tmp_path / "allocation")]) == 0
+    results = json.loads((tmp_path / "allocation" / "allocation.json").read_text())["results"]
+    own = next(r for r in results if r["selection"] == "l1")
+    assert abs(own["macs_ratio"] - row["macs_ratio"]) < 1e-9 and abs(own["top1_recal"] - row["top1_recal"]) < 1e-9
+    assert "| l1 |" in (tmp_path / "allocation" / "allocation.md").read_text()

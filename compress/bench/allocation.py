@@ -53,12 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def widths_of(rows_path: Path, arch: str, criterion: str, target: float, seed: int) -> dict[str, int]:
-    """The per-layer output widths of the first finished mean-normalised run of ``criterion`` in ``rows_path``."""
-    for line in rows_path.read_text().splitlines():
-        row = json.loads(line) if line.strip() else {}
-        if (row.get("arch") == arch and row.get("criterion") == criterion and row.get("target") == target
-                and row.get("seed", 0) in (seed, 0) and "widths" in row and "error" not in row):
-            return row["widths"]
+    """The per-layer output widths of a finished mean-normalised run of ``criterion`` in ``rows_path``: of seed
+    ``seed``, else of seed 0 (criteria that use neither data nor randomness run once)."""
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    found = {r.get("seed", 0): r["widths"] for r in rows
+             if r.get("arch") == arch and r.get("criterion") == criterion and r.get("target") == target
+             and r.get("normalizer", "mean") == "mean" and "widths" in r and "error" not in r}
+    if seed in found or 0 in found:
+        return found.get(seed, found.get(0))
     raise CompressError(f"no finished run of {criterion} on {arch} at {target} in {rows_path}",
                         "run python -m compress.bench pruning for it first, or pick --allocations from that file")
 
