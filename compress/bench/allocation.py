@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def widths_of(rows_path: Path, arch: str, criterion: str, target: float, seed: int) -> dict[str, int]:
     """The per-layer output widths of a finished mean-normalised run of ``criterion`` in ``rows_path``: of seed
     ``seed``, else of seed 0 (criteria that use neither data nor randomness run once)."""
+    if not rows_path.is_file():
+        raise CompressError(f"--rows {rows_path} is not a file", "pass the pruning-rows.jsonl of a pruning benchmark run")
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
     found = {r.get("seed", 0): r["widths"] for r in rows
              if r.get("arch") == arch and r.get("criterion") == criterion and r.get("target") == target
@@ -91,7 +93,8 @@ def prune_to_widths(dense: nn.Module, widths: dict[str, int], criterion: str, ca
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    dense = dense_model(args).eval()
+    allocations = {a: widths_of(args.rows, args.arch, a, args.target, args.seed) for a in args.allocations}
+    dense = dense_model(args).eval()  # after the widths: a missing run is a one-line error before any training
     shape = spec_of(dense).input_shape
     train = FashionMNIST("train", channels=shape[0], image_size=shape[-1])
     test_set = FashionMNIST("test", channels=shape[0], image_size=shape[-1])
@@ -100,7 +103,6 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     test = loader(test_set, 500)
     calib = calibration(train, args.calibration, args.calibration_batch, seed=args.seed)
     recal = calibration(train, args.recal_samples, 128, seed=1000 + args.seed)
-    allocations = {a: widths_of(args.rows, args.arch, a, args.target, args.seed) for a in args.allocations}
     example = adapter_for(dense).example_inputs(dense)
     dense_macs, _ = count_macs_params(dense, example)
     results = []
