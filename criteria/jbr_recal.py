@@ -35,7 +35,7 @@ extra forward and weight gradient per batch (and three with one channel).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
 import torch
@@ -46,10 +46,9 @@ from torch import Tensor, nn
 from compress.batches import first_rows, predict, rows
 from compress.data import inputs_of, labels_of
 from compress.distributed import all_reduce_sum, all_reduce_sums
-from compress.errors import CompressError
 from compress.nn_helpers import channel_sums, on_model
 
-from .jbr import LAYERS, NORMS, GateImportance, JBRImportance, Target, gate_shape, norm_after, pruning_graph
+from .jbr import LAYERS, NORMS, JBRImportance, Target, gate_shape, norm_after, pruning_graph
 
 READERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -74,8 +73,9 @@ def _weight_gradient(layer: nn.Module, inputs: Tensor, grad_output: Tensor, shap
 
 @dataclass
 class ReaderStatistics:
-    """Sums over the calibration pass for one layer L that feeds a BatchNorm: its input u, output z, and the four
-    weight gradients whose combination is Σ (z_j − μ_j)(u_c,+k − ū_c) (see the module docstring)."""
+    """Sums over the calibration pass for one layer L that feeds a BatchNorm: its output z and the four weight
+    gradients whose combination, with ū (the input means the gated pass keeps), is Σ (z_j − μ_j)(u_c,+k − ū_c)
+    (see the module docstring)."""
 
     zu: Tensor  # wg(u, z): (out, in, *kernel)
     u1: Tensor  # wg(u, 1): (1, in, *kernel)
@@ -83,16 +83,14 @@ class ReaderStatistics:
     ones: Tensor  # wg(1, 1): (1, 1, *kernel)
     z_sum: Tensor  # (out,)
     z_squares: Tensor  # (out,)
-    u_sum: Tensor  # (in,)
-    z_count: float = 0.0  # values per output channel
-    u_count: float = 0.0  # values per input channel
+    z_count: Tensor  # () values per output channel
 
     @classmethod
     def empty(cls, layer: nn.Module) -> "ReaderStatistics":
         out, inp, *kernel = layer.weight.shape
         zeros = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         return cls(zeros(out, inp, *kernel), zeros(1, inp, *kernel), zeros(out, 1, *kernel), zeros(1, 1, *kernel),
-                   zeros(out), zeros(out), zeros(inp))
+                   zeros(out), zeros(out), zeros(()))
 
     def add(self, layer: nn.Module, u: Tensor, z: Tensor) -> None:
         """Add one call's input ``u`` and output ``z``."""
@@ -104,42 +102,34 @@ class ReaderStatistics:
         self.u1 += _weight_gradient(layer, u, one_z, (1, inp, *kernel)).cpu()
         self.z1 += _weight_gradient(layer, one_u, z, (out, 1, *kernel)).cpu()
         self.ones += _weight_gradient(layer, one_u, one_z, (1, 1, *kernel)).cpu()
-        zc, uc = _channel_first(layer, z), _channel_first(layer, u)
+        zc = _channel_first(layer, z)
         self.z_sum += zc.sum(1).cpu()
         self.z_squares += (zc ** 2).sum(1).cpu()
-        self.u_sum += uc.sum(1).cpu()
         self.z_count += zc.shape[1]
-        self.u_count += uc.shape[1]
 
-    def tensors(self) -> dict[str, Tensor]:
-        return {"zu": self.zu, "u1": self.u1, "z1": self.z1, "ones": self.ones, "z_sum": self.z_sum,
-                "z_squares": self.z_squares, "u_sum": self.u_sum,
-                "counts": torch.tensor([self.z_count, self.u_count], dtype=torch.float64)}
+    def all_reduced(self) -> None:
+        """Every sum replaced by its sum over the ranks (under torch.distributed: every rank's samples)."""
+        for name, value in all_reduce_sums({f.name: getattr(self, f.name) for f in fields(self)}).items():
+            setattr(self, name, value)
 
-    def _means(self) -> tuple[Tensor, Tensor, Tensor]:
-        """μ_j and Var z_j per output channel, ū_c per input channel."""
+    def kappa(self, weight: Tensor, eps: float, u_mean: Tensor) -> Tensor:
+        """κ (out, in): Σ_k W_jck E[(z_j − μ_j)(u_c,+k − ū_c)] / (Var z_j + eps), ``u_mean`` = ū per input channel."""
         mu = self.z_sum / self.z_count
         variance = (self.z_squares / self.z_count - mu ** 2).clamp(min=0.0)
-        return mu, variance, self.u_sum / self.u_count
-
-    def kappa(self, weight: Tensor, eps: float) -> Tensor:
-        """κ (out, in): Σ_k W_jck E[(z_j − μ_j)(u_c,+k − ū_c)] / (Var z_j + eps)."""
-        mu, variance, u_mean = self._means()
         kernel = (1,) * (self.zu.dim() - 2)
         mu_, u_ = mu.view(-1, 1, *kernel), u_mean.view(1, -1, *kernel)
         covariance = (self.zu - mu_ * self.u1 - u_ * self.z1 + mu_ * u_ * self.ones) / self.z_count
         return (weight.detach().double().cpu() * covariance).flatten(2).sum(2) / (variance + eps)[:, None]
 
-    def mean_shift(self, weight: Tensor) -> Tensor:
+    def mean_shift(self, weight: Tensor, u_mean: Tensor) -> Tensor:
         """ν (out, in): E[δz_j] for δz = W_j,c ⋆ (u_c − ū_c), nonzero where padding cuts the kernel at the border
         (recalibration removes it at the BatchNorm; the frozen centred score does not)."""
-        _, _, u_mean = self._means()
         kernel = (1,) * (self.zu.dim() - 2)
         centred = (self.u1 - u_mean.view(1, -1, *kernel) * self.ones) / self.z_count
         return (weight.detach().double().cpu() * centred).flatten(2).sum(2)
 
 
-class RecalibratedJBRImportance(GateImportance):
+class RecalibratedJBRImportance(JBRImportance):
     """``jbr-recal``: E_x[d(x)²], the first-order TPV of removing a channel and recalibrating BatchNorm, see the
     module docstring. Gated where the channel is read: a multiplicative and an additive gate on the input of every
     conv/linear layer (and gates on every BatchNorm's output, for G and B); per-sample rows are kept. ``target``:
@@ -147,18 +137,12 @@ class RecalibratedJBRImportance(GateImportance):
 
     def __init__(self, data: Iterable[Any] | None = None, *, target: Target = "predicted",
                  rescale: bool = True) -> None:
-        if target not in ("predicted", "softmax"):
-            raise CompressError(f"unknown JBR target {target!r}", "use target='predicted' or target='softmax'")
-        super().__init__(data, autocast=False, keep_rows=True)  # runs in the model's dtype
-        self.target = target
+        super().__init__(data, target=target, autocast=False, keep_rows=True)  # runs in the model's dtype
         self.rescale = rescale
         self.readers: dict[str, ReaderStatistics] = {}  # per reading layer followed by a BatchNorm
         self.reader_norms: dict[str, str] = {}  # reading layer -> the BatchNorm it feeds
         self.input_means: dict[str, Tensor] = {}  # ū per reading layer's input channel
         self.rows_of: dict[str, dict[str, Tensor]] = {}  # "scale"/"shift" rows per gated name (reader or norm)
-
-    objective = JBRImportance.objective
-    uses_probabilities = JBRImportance.uses_probabilities
 
     def _calibrate(self, model: nn.Module, data: Iterable[Any], graph: tp.DependencyGraph | None) -> None:
         if graph is None:
@@ -172,11 +156,8 @@ class RecalibratedJBRImportance(GateImportance):
         self.readers = {n: ReaderStatistics.empty(model.get_submodule(n)) for n in self.reader_norms}
         self.rows_seen = 0
         self._gated_pass(model, data, names)
-        for name, stats in self.readers.items():  # under torch.distributed: every rank's samples
-            reduced = all_reduce_sums(stats.tensors())
-            stats.zu, stats.u1, stats.z1, stats.ones = reduced["zu"], reduced["u1"], reduced["z1"], reduced["ones"]
-            stats.z_sum, stats.z_squares, stats.u_sum = reduced["z_sum"], reduced["z_squares"], reduced["u_sum"]
-            stats.z_count, stats.u_count = (float(v) for v in reduced["counts"])
+        for stats in self.readers.values():
+            stats.all_reduced()
 
     def _gated_pass(self, model: nn.Module, data: Iterable[Any], names: dict[nn.Module, str]) -> None:
         """One pass: per-sample ∂s/∂γ and ∂s/∂β of the gates on every reader's input and every BatchNorm's output,
@@ -277,7 +258,8 @@ class RecalibratedJBRImportance(GateImportance):
         stats = self.readers[name]
         frozen = (norm.weight.detach().double().cpu() if norm.weight is not None else 1.0) / torch.sqrt(
             norm.running_var.detach().double().cpu() + norm.eps)
-        coefficients = torch.cat([stats.kappa(layer.weight, norm.eps), frozen[:, None] * stats.mean_shift(layer.weight)])
+        coefficients = torch.cat([stats.kappa(layer.weight, norm.eps, u_mean),
+                                  frozen[:, None] * stats.mean_shift(layer.weight, u_mean)])
         return d - torch.cat(terms, 1) @ coefficients
 
     def group_derivatives(self, group: Any) -> Tensor | None:
