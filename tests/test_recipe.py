@@ -48,7 +48,7 @@ def test_demo_passes_and_writes_every_output(demo_run) -> None:
     assert report["passed"] and report["verdict"]["failures"] == []
     assert not report["timing_only"]
     assert STAGES <= set(report["stage_seconds"])
-    assert report["config"]["prune"]["criterion"] == "jbr-mac" and report["seed"] == 0
+    assert report["config"]["prune"]["criterion"] == "jbr-centred@l2" and report["seed"] == 0
     assert {"torch", "torchao", "torch-pruning", "onnxruntime"} <= set(report["versions"])
     assert abs(report["prune"]["macs_ratio"] - 0.5) <= 0.02
     dense, quantized = report["variants"]["dense"], report["checks"]["quantized"]
