@@ -61,8 +61,9 @@ def widths_of(rows_path: Path, arch: str, criterion: str, target: float, seed: i
     found = {r.get("seed", 0): r["widths"] for r in rows
              if r.get("arch") == arch and r.get("criterion") == criterion and r.get("target") == target
              and r.get("normalizer", "mean") == "mean" and "widths" in r and "error" not in r}
-    if seed in found or 0 in found:
-        return found.get(seed, found.get(0))
+    widths = found.get(seed, found.get(0))
+    if widths is not None:
+        return widths
     raise CompressError(f"no finished run of {criterion} on {arch} at {target} in {rows_path}",
                         "run python -m compress.bench pruning for it first, or pick --allocations from that file")
 
