@@ -65,10 +65,11 @@ def test_a_malformed_criterion_option_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_paper_protocol_prunes_by_share_of_filters_without_recovery(tmp_path, shared_cache):
     out = tmp_path / "bench"
-    assert main(COMMON + ["--out", str(out), "--protocol", "paper", "--criteria", "jbr-ref", "--seeds", "1",
+    assert main(COMMON + ["--out", str(out), "--protocol", "paper", "--criteria", "jbr-ref", "jacobian",
+                          "--seeds", "1",
                           "--normalizers", "none", "--option", "jbr-ref:confidence=0.0", "--mean-replacement", "on"]) == 0
     rows = _rows(out)
-    assert [r["criterion"] for r in rows] == ["jbr-ref"]
+    assert [r["criterion"] for r in rows] == ["jbr-ref", "jacobian"]  # jacobian: given labelled batches
     for r in rows:
         assert "error" not in r, r.get("error")
         shares = [p["filters_removed"] for p in r["points"]]
