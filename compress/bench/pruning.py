@@ -145,7 +145,8 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if _key(row) in done:
             continue
         seed = row["seed"]
-        calib = calibration(train, args.calibration, args.calibration_batch, seed=seed)
+        calib = calibration(train, args.calibration, args.calibration_batch, seed=seed,
+                            with_labels=criteria.needs_labels(row["criterion"]))  # (input, label) for jacobian
         torch.manual_seed(seed)
         row["dense_top1"] = dense_top1
         try:

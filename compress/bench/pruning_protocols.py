@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from typing import Any, Callable
 
@@ -66,8 +65,6 @@ def run_paper(row: dict[str, Any], dense: nn.Module, calib: Any, test: Any, opti
     example = adapter.example_inputs(model)
     ignored = adapter.never_pruned(model) + adapter.outside_pruning_scope(model, example)
     importance = criteria.get(row["criterion"], normalizer=row["normalizer"], **(options or {}))
-    if criteria.needs_labels(row["criterion"]):  # (input, label) batches for supervised baselines, as prune gives them
-        calib = dataclasses.replace(calib, with_labels=True)
     dense_macs, dense_params = count_macs_params(model, example)
     with adapter.tracing(model), quiet_third_party():
         pruner = tp.pruner.BasePruner(model, example, importance=importance, global_pruning=True,
