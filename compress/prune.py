@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import criteria
+from criteria.allocated import AllocatedImportance
 from criteria.normalize import NormalizedImportance, check_normalizer
 
 from . import latency
@@ -187,6 +188,29 @@ def criterion_name(criterion: Any) -> str:
     return criterion if isinstance(criterion, str) else type(criterion).__name__
 
 
+DEFAULT_STEPS = 5
+# "SELECT@ALLOCATE" in one step: each layer keeps exactly ALLOCATE's one-step width. Over several re-scored steps
+# ALLOCATE re-ranks only the channels SELECT kept, so the widths drift from its own. One step kept 6 to 13 points
+# more top-1 after BN recalibration on the ResNet-20 and ResNet-56 layouts at 0.5 MACs (and on ResNet-56 at 0.3),
+# as much on ResNet-20 at 0.3, and lost at 0.3 on the 77.8k-parameter small_resnet (BENCHMARKS.md, session 15).
+COMPOSITE_STEPS = 1
+
+
+def default_steps(criterion: Any) -> int:
+    """The pruning steps :func:`prune` takes for ``criterion`` unless told: :data:`COMPOSITE_STEPS` for a
+    ``"SELECT@ALLOCATE"`` name or an :class:`~criteria.allocated.AllocatedImportance`, else :data:`DEFAULT_STEPS`."""
+    if isinstance(criterion, str):
+        return COMPOSITE_STEPS if criteria.parts(criterion)[1] is not None else DEFAULT_STEPS
+    return COMPOSITE_STEPS if isinstance(criterion, AllocatedImportance) else DEFAULT_STEPS
+
+
+def check_steps(steps: int) -> None:
+    """A one-line error for a step count that is not a positive int."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise CompressError(f"steps={steps!r} is not a positive number of pruning steps",
+                            "pass steps=1 or more, or leave it out for the criterion's default")
+
+
 def make_importance(criterion: Any, options: dict[str, Any] | None,
                     normalizer: str | None = None) -> tp.importance.Importance:
     """The Importance of a registered name (built with ``options``, its scores normalised by ``normalizer``, else
@@ -344,7 +368,7 @@ DEFAULT_CRITERION = "jbr-centred@bn"
 
 
 def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITERION, target: Target = Target(macs=0.5), *,
-          example_inputs: torch.Tensor | None = None, steps: int = 5, tolerance: float = 0.02,
+          example_inputs: torch.Tensor | None = None, steps: int | None = None, tolerance: float = 0.02,
           round_to: int | None = None, ignored_layers: Sequence[nn.Module | str] = (), max_layer_ratio: float = 0.9,
           global_pruning: bool = True, calibration_samples: int = 512, batch_size: int = 64, seed: int = 0,
           criterion_options: dict[str, Any] | None = None, normalizer: str | None = None, max_bisections: int = 20,
@@ -358,6 +382,8 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITER
     ``jbr-centred@bn``: within each layer the channels whose replacement by their mean (what BatchNorm
     recalibration recovers) costs least TPV, as many per layer as BatchNorm scales would remove (jbr-centred's own
     allocation in layers without BatchNorm).
+    ``steps``: prune in this many re-scored steps (the MACs or params goal shrinking geometrically); default
+    :func:`default_steps` (one for a ``SELECT@ALLOCATE`` criterion, five otherwise).
     ``data``: calibration inputs (any iterable of batches or a dataset; labels ignored unless the criterion
     needs them, e.g. ``jacobian``). ``max_layer_ratio`` caps how much of any one layer a step may remove.
     ``normalizer``: how each group's scores are rescaled before the global ranking (``criteria.NORMALIZERS``;
@@ -373,6 +399,8 @@ def prune(model: nn.Module, data: Iterable[Any], criterion: Any = DEFAULT_CRITER
     ``prune_hidden``: in Hugging Face transformers, the share of the hidden size (the residual stream) to remove,
     evenly over the steps, the lowest-scored channels first (:mod:`compress.adapters.hidden`); 0 keeps it.
     """
+    steps = default_steps(criterion) if steps is None else steps
+    check_steps(steps)
     if not 0.0 <= prune_hidden < 1.0:
         raise CompressError(f"prune_hidden={prune_hidden} is not a share of the hidden size in [0, 1)",
                             "pass e.g. prune_hidden=0.25 to remove a quarter of the hidden channels")

@@ -8,6 +8,7 @@ import torch_pruning as tp
 
 import criteria
 from compress import Target, prune
+from compress.prune import default_steps
 from compress.errors import CompressError
 from compress.small_resnet import SmallResNet
 
@@ -82,3 +83,22 @@ def test_groups_without_batchnorm_keep_the_selection_scores():
     group = graph.get_pruning_group(mlp[0], tp.prune_linear_out_channels, idxs=list(range(8)))
     assert criteria.get("bn")(group) is None
     torch.testing.assert_close(criteria.get("jbr-centred@bn", data)(group), criteria.get("jbr-centred", data)(group))
+
+
+def test_a_composite_prunes_in_one_step_to_exactly_the_allocation_criterions_widths(net_and_data):
+    model, data = net_and_data
+    result = prune(model, data, "jbr-centred@l2", Target(macs=0.6), progress=False)  # steps: the criterion's default
+    alone = prune(model, data, "l2", Target(macs=0.6), steps=1, progress=False)
+    assert result.steps == len(result.step_log) == 1
+    assert [(l.name, l.after) for l in result.layers] == [(l.name, l.after) for l in alone.layers]
+    assert prune(model, data, "jbr-centred@l2", Target(macs=0.6), steps=2, progress=False).steps == 2
+
+
+def test_default_steps_and_bad_steps():
+    assert default_steps("jbr-centred@bn") == default_steps(criteria.get("l1@l2")) == 1
+    assert default_steps("jbr-centred") == default_steps(criteria.get("l2")) == 5
+    model = SmallResNet().eval()
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(CompressError, match="not a positive number of pruning steps") as err:
+            prune(model, [torch.randn(4, 1, 28, 28)], "l2", Target(macs=0.5), steps=bad, progress=False)
+        assert "\n" not in str(err.value)

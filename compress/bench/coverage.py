@@ -49,11 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=None, help="names (default: every classifier of the zoo)")
     p.add_argument("--image-size", type=int, default=64, help="input size, raised to a model's minimum")
     p.add_argument("--criterion", default="jbr", help="pruning criterion (default: jbr, the criterion of the sweeps "
-                   "in BENCHMARKS.md; prune's own default is jbr-centred)")
+                   "in BENCHMARKS.md; prune's own default is jbr-centred@bn)")
     p.add_argument("--target", type=float, default=0.5, help="MACs fraction kept")
     p.add_argument("--avg-bits", type=float, default=5.0)
     p.add_argument("--samples", type=int, default=16, help="calibration samples (random inputs)")
-    p.add_argument("--steps", type=int, default=5, help="pruning steps (prune's default: 5)")
+    p.add_argument("--steps", type=int, default=5, help="pruning steps (prune's default for jbr; one for SELECT@ALLOCATE)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds per model: each model then runs in its own process, so a model that runs out of "
                         "time or memory becomes a row instead of ending the sweep")

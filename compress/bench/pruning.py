@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean-replacement", default="off", choices=("off", "on", "both"))
     p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5, 0.3], help="MACs fractions (ours)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5, help="pruning steps (ours)")
+    p.add_argument("--steps", type=int, default=5,
+                   help="pruning steps (ours), the same for every criterion; prune itself takes one for SELECT@ALLOCATE")
     p.add_argument("--calibration", type=int, default=512, help="calibration samples")
     p.add_argument("--calibration-batch", type=int, default=64)
     p.add_argument("--recal-samples", type=int, default=2048)

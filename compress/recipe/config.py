@@ -67,7 +67,7 @@ class PruneSection:
     target_params: float | None = None
     target_latency: float | None = None  # fraction of the dense onnxruntime CPU latency at batch 1 (check.threads)
     latency_activations: str = "fp32"  # target_latency times the pruned model as fp32, or as the int8 QDQ file
-    steps: int = 5
+    steps: int | None = None  # None: compress.prune's default for the criterion (compress.prune.default_steps)
     round_to: int | None = None
     ignored_layers: list[str] = field(default_factory=list)
     max_layer_ratio: float = 0.9
@@ -329,7 +329,7 @@ def _validate(recipe: Recipe) -> None:
                 "data.synthetic_samples": d.synthetic_samples, "quantize.calibration_samples": q.calibration_samples,
                 "check.latency_runs": c.latency_runs, "check.threads": c.threads}
     for key, value in positive.items():
-        if value < 1:
+        if value is not None and value < 1:  # None: the default (prune.steps: the criterion's)
             raise CompressError(f"{key} = {value} must be >= 1", f"e.g. --set {key}=64")
     for key, value in {"data.eval_samples": d.eval_samples, "check.samples": c.samples}.items():
         if value is not None and value < 1:
