@@ -192,7 +192,7 @@ DEFAULT_STEPS = 5
 # "SELECT@ALLOCATE" in one step: each layer keeps exactly ALLOCATE's one-step width. Over several re-scored steps
 # ALLOCATE re-ranks only the channels SELECT kept, so the widths drift from its own. One step kept 6 to 13 points
 # more top-1 after BN recalibration on the ResNet-20 and ResNet-56 layouts at 0.5 MACs (and on ResNet-56 at 0.3),
-# as much on ResNet-20 at 0.3, and lost at 0.3 on the 77.8k-parameter small_resnet (BENCHMARKS.md, session 15).
+# about the same on ResNet-20 at 0.3, and lost at 0.3 on the 77.8k-parameter small_resnet (BENCHMARKS.md, session 15).
 COMPOSITE_STEPS = 1
 
 

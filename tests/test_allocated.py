@@ -8,8 +8,8 @@ import torch_pruning as tp
 
 import criteria
 from compress import Target, prune
-from compress.prune import default_steps
 from compress.errors import CompressError
+from compress.prune import default_steps
 from compress.small_resnet import SmallResNet
 
 

@@ -58,7 +58,7 @@ def _recipe(name: str, args: argparse.Namespace) -> Recipe:
                          synthetic_samples=16 if quick else 64, batch_size=32, eval_batch_size=500 if trained else 16),
         prune=PruneSection(criterion=args.criterion if trained else args.criterion_random,
                            target_macs=None if args.target_latency else args.target, target_latency=args.target_latency,
-                           latency_activations="int8", steps=5 if trained else 2,
+                           latency_activations="int8", steps=None if trained else 2,  # None: prune's default for the criterion
                            round_to=round_to),
         recover=RecoverSection(distill_steps=(5 if quick else args.distill_steps) if trained else 0),
         quantize=QuantizeSection(avg_bits=args.avg_bits, calibration_samples=32 if quick else (256 if trained else 32)),
