@@ -51,6 +51,11 @@ class AllocatedImportance(CalibratedImportance):
     def __call__(self, group: Any) -> Tensor | None:
         return self.score(group)
 
+    @property
+    def state_bytes(self) -> int:
+        """What the two parts keep between calibration passes (a normalised part's criterion is ``.importance``)."""
+        return sum(getattr(getattr(part, "importance", part), "state_bytes", 0) for part in (self.select, self.allocate))
+
     @torch.no_grad()
     def score(self, group: Any) -> Tensor | None:
         values = self.allocate(group)

@@ -24,12 +24,15 @@ from ..atomic import write_text
 from ..errors import CompressError
 from ..models import resolve, spec_of
 from ..output import machine, markdown_table, write_json
+from ..prune import DEFAULT_CRITERION
+from .pruning import criterion_arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="small_resnet")
     p.add_argument("--weights", default="random")
-    p.add_argument("--criteria", nargs="+", default=criteria.names(), choices=criteria.names())
+    p.add_argument("--criteria", nargs="+", default=[DEFAULT_CRITERION, *criteria.names()], type=criterion_arg,
+                   help="registered names or SELECT@ALLOCATE (default: prune's default and every registered one)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
