@@ -53,6 +53,14 @@ def test_ours_protocol_runs_and_resumes(tmp_path, shared_cache):
     assert {r["criterion"] for r in rows if "top1_distill" in r} == {"l1"}
     assert main(args) == 0  # every run is already in the folder: nothing runs again
     assert len(_rows(out)) == len(rows)
+    failed = dict(rows[0], error="RuntimeError: a bug since fixed")
+    failed.pop("top1_recal")
+    with (out / "pruning-rows.jsonl").open("a") as f:  # a failed row of the same run, written after the good one
+        f.write(json.dumps(failed) + "\n")
+    assert main(args) == 0  # the failed run is tried again and its new row replaces the failed one
+    assert len(_rows(out)) == len(rows) + 2
+    reported = json.loads((out / "pruning.json").read_text())["rows"]
+    assert len(reported) == len(rows) and not [r for r in reported if "error" in r]
     text = (out / "pruning.md").read_text()
     assert "## small_resnet, protocol ours" in text and "| jbr-centred | mean | 2 |" in text
     assert (out / "pruning.png").stat().st_size > 0

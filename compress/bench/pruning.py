@@ -6,7 +6,8 @@ distillation) and ``paper`` (the TPV paper's: global share of filters 10–90%, 
 (each criterion's scores rescaled the same way, :mod:`criteria.normalize`) and ``--mean-replacement``. The seed
 varies the calibration subset and the random criterion; criteria that use neither run once. Every finished run is
 appended to ``pruning-rows.jsonl`` in the output folder and skipped when the command is run again, so the grid can
-be run in parts (and resumed) into one folder; JSON, Markdown and plots cover every row of the folder.
+be run in parts (and resumed) into one folder; a run that failed is tried again, its new row replacing the failed
+one. JSON, Markdown and plots cover every run of the folder, each by its latest row.
 """
 
 from __future__ import annotations
@@ -101,9 +102,15 @@ def _key(row: dict[str, Any]) -> tuple:
 
 
 def _load_rows(path: Path) -> list[dict[str, Any]]:
+    """Each run's latest row (a retried run's new row replaces its failed one), in the order runs first appear."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    latest: dict[tuple, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            latest[_key(row)] = row
+    return list(latest.values())
 
 
 def _append_row(path: Path, row: dict[str, Any]) -> None:
@@ -140,7 +147,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     test = loader(test_set, 500)
     dense_top1 = compare(dense, dense, test).top1
     rows_path = out / ROWS_FILE
-    done = {_key(r) for r in _load_rows(rows_path)}
+    done = {_key(r) for r in _load_rows(rows_path) if "error" not in r}  # failed runs are tried again
     distill_steps = int(args.distill_epochs * len(train) // 128)
     for row in _planned(args):
         if _key(row) in done:
