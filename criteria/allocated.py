@@ -53,8 +53,8 @@ class AllocatedImportance(CalibratedImportance):
 
     @property
     def state_bytes(self) -> int:
-        """What the two parts keep between calibration passes (a normalised part's criterion is ``.importance``)."""
-        return sum(getattr(getattr(part, "importance", part), "state_bytes", 0) for part in (self.select, self.allocate))
+        """What the two parts keep between calibration passes (a normalised part reads it from its criterion)."""
+        return sum(getattr(part, "state_bytes", 0) for part in (self.select, self.allocate))
 
     @torch.no_grad()
     def score(self, group: Any) -> Tensor | None:

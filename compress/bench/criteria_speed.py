@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             for group in groups:
                 imp(group)
             model.zero_grad(set_to_none=True)
-            state[0] = getattr(getattr(imp, "importance", imp), "state_bytes", 0)
+            state[0] = getattr(imp, "state_bytes", 0)  # a NormalizedImportance reads it from its criterion
 
         try:
             seconds = timed(score)
